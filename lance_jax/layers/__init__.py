@@ -1,0 +1,1 @@
+"""Building blocks shared by the backbone, the ViT and the heads."""

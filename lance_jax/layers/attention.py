@@ -1,0 +1,402 @@
+"""Joint attention over a packed multimodal sequence (spec 10-backbone §5).
+
+The attention mask is never passed around as a matrix.  Every token carries four small ints
+(:class:`MaskTokens`) and the mask is a predicate over a (query token, key token) pair:
+
+    FN(i) = split(i) if mode(i) in {FULL, NOISE} else -1
+    NZ(i) = split(i) if mode(i) == NOISE else -1
+    allowed(q, k) = (order(k) <= order(q)  or  (FN(q) == FN(k) and FN(q) >= 0))
+                    and not (NZ(k) >= 0 and NZ(q) != NZ(k))
+                    and sample(q) == sample(k) and sample(q) >= 0
+
+i.e. causal by original sequence index, bidirectional inside `full`/`noise` splits, noisy-target
+splits invisible to every other split, no attention across packed samples.  The extra
+``sample >= 0`` clause is this port's padding convention: a token with a *negative* sample id is
+pure padding; it is attended by nothing and attends to nothing (its output row is exactly zero).
+The reference's own trailing pad *sample* (``to_tensor(use_flex=True)``) is an ordinary sample with a
+non-negative id and a causal split, and attends to itself causally — exactly as in the golden mask.
+
+Two implementations share the predicate:
+
+* :func:`dense_attention` — builds the (B, Nq, Nk) bool mask and the full score matrix.  Reference
+  path for tests and short sequences.
+* :func:`blockwise_attention` — flash-attention-style: queries are processed block by block
+  (``lax.map``), keys are scanned block by block with online-softmax accumulators, and the mask of
+  each (query block, key block) tile is recomputed on the fly from the ints.  Peak memory is
+  O(block_q * block_k) per head for scores plus O(N) for inputs/outputs; no N x N array exists, in
+  the forward *or* in the backward pass (a ``jax.custom_vjp`` recomputes the tiles from the saved
+  log-sum-exp, FlashAttention-2 style).  Reverse-mode only (``jax.grad``/``vjp``); forward-mode
+  (``jax.jvp``/``jacfwd``) through the blockwise path is not supported by ``custom_vjp``.
+
+Numerics for both: scores / softmax statistics in float32 whatever the input dtype; matmuls take
+the input dtype with ``preferred_element_type=float32``; probabilities are cast to the value dtype
+before the PV matmul; output is cast back to ``q.dtype``.  Query rows with no allowed key give 0.
+
+Shapes: q (B, Nq, Nh, Dh); k, v (B, Nk, Nkv, Dh), Nh % Nkv == 0, query head h uses kv head
+h // (Nh // Nkv) (contiguous grouping, as HF ``repeat_kv``).  Token ints are int32 (B, Nq) / (B, Nk)
+(a leading batch dim of 1 is broadcast).  Nq may differ from Nk (KV-cache chunk queries against
+cache + chunk keys); causality compares ``order`` only, so the array positions never matter.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "MODE_CAUSAL",
+    "MODE_FULL",
+    "MODE_NOISE",
+    "ATTN_MODE_CODES",
+    "MaskTokens",
+    "mask_tokens_from_splits",
+    "allowed_mask",
+    "dense_attention",
+    "blockwise_attention",
+    "attention",
+]
+
+MODE_CAUSAL, MODE_FULL, MODE_NOISE = 0, 1, 2
+
+# Split attention-mode strings (as in the reference data pipeline / cases.json) -> mode code.
+# 'full_noise' is mapped to full by the reference training forward.  'full_noise_target' is only
+# produced by inference helpers, which also map it to full (the training forward would not; it is
+# never produced by training data, spec 10 §5.1).
+ATTN_MODE_CODES: Mapping[str, int] = {
+    "causal": MODE_CAUSAL,
+    "full": MODE_FULL,
+    "full_noise": MODE_FULL,
+    "full_noise_target": MODE_FULL,
+    "noise": MODE_NOISE,
+}
+
+
+class MaskTokens(NamedTuple):
+    """Per-token ints (each int32, shape (B, N)) from which the attention mask is evaluated."""
+
+    order: jax.Array  # original sequence index (causality compares this, never the array position)
+    sample: jax.Array  # packed-sample (document) id; negative = pure padding
+    split: jax.Array  # global split id
+    mode: jax.Array  # MODE_CAUSAL / MODE_FULL / MODE_NOISE
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side layout helper
+# ----------------------------------------------------------------------------------------------
+
+
+def mask_tokens_from_splits(
+    sample_lens: Sequence[int] | np.ndarray,
+    split_lens: Sequence[int] | np.ndarray,
+    attn_modes: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """Per-token mask ints for one packed sequence (NumPy, host side).
+
+    ``sample_lens``: tokens per packed sample (the reference's trailing pad sample included, it is
+    a normal sample here).  ``split_lens``: tokens per split, global across samples (splits never
+    straddle a sample boundary).  ``attn_modes``: one mode string per split.
+
+    Returns ``{'order', 'sample', 'split', 'mode'}``, each an int32 array of shape (N,),
+    N = sum(sample_lens).  ``MaskTokens(**{k: v[None] for k, v in d.items()})`` makes a batch of 1.
+    """
+    sample_lens = np.asarray(sample_lens, dtype=np.int64).reshape(-1)
+    split_lens = np.asarray(split_lens, dtype=np.int64).reshape(-1)
+    attn_modes = list(attn_modes)
+    if len(attn_modes) != split_lens.size:
+        raise ValueError(
+            f"got {len(attn_modes)} attn_modes for {split_lens.size} splits"
+        )
+    if (sample_lens < 0).any() or (split_lens < 0).any():
+        raise ValueError("sample_lens and split_lens must be non-negative")
+    n = int(sample_lens.sum())
+    if int(split_lens.sum()) != n:
+        raise ValueError(
+            f"sum(split_lens)={int(split_lens.sum())} != sum(sample_lens)={n}"
+        )
+    sample_ends = np.cumsum(sample_lens)
+    split_ends = np.cumsum(split_lens)
+    if not np.isin(sample_ends[sample_lens > 0], split_ends).all():
+        raise ValueError("a split straddles a sample boundary")
+    codes = []
+    for m in attn_modes:
+        if m not in ATTN_MODE_CODES:
+            raise ValueError(
+                f"unknown attention mode {m!r}; expected one of {sorted(ATTN_MODE_CODES)}"
+            )
+        codes.append(ATTN_MODE_CODES[m])
+    codes = np.asarray(codes, dtype=np.int32)
+    return {
+        "order": np.arange(n, dtype=np.int32),
+        "sample": np.repeat(np.arange(sample_lens.size, dtype=np.int32), sample_lens),
+        "split": np.repeat(np.arange(split_lens.size, dtype=np.int32), split_lens),
+        "mode": np.repeat(codes, split_lens),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Predicate
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_tokens(t: MaskTokens, batch: int, n: int) -> MaskTokens:
+    return MaskTokens(
+        *(jnp.broadcast_to(jnp.asarray(a, dtype=jnp.int32), (batch, n)) for a in t)
+    )
+
+
+def allowed_mask(q_tokens: MaskTokens, k_tokens: MaskTokens) -> jax.Array:
+    """Dense (B, Nq, Nk) bool mask, True = query may attend to key.  Also used per tile."""
+    q = MaskTokens(*(jnp.asarray(a) for a in q_tokens))
+    k = MaskTokens(*(jnp.asarray(a) for a in k_tokens))
+
+    def fn(t):
+        return jnp.where((t.mode == MODE_FULL) | (t.mode == MODE_NOISE), t.split, -1)
+
+    def nz(t):
+        return jnp.where(t.mode == MODE_NOISE, t.split, -1)
+
+    qc = lambda a: a[..., :, None]  # noqa: E731  (B, Nq, 1)
+    kr = lambda a: a[..., None, :]  # noqa: E731  (B, 1, Nk)
+    fn_q, fn_k, nz_q, nz_k = fn(q), fn(k), nz(q), nz(k)
+    causal = kr(k.order) <= qc(q.order)
+    same_full = (qc(fn_q) == kr(fn_k)) & (qc(fn_q) >= 0)
+    hidden_noise = (kr(nz_k) >= 0) & (qc(nz_q) != kr(nz_k))
+    same_sample = (qc(q.sample) == kr(k.sample)) & (qc(q.sample) >= 0)
+    return (causal | same_full) & ~hidden_noise & same_sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense reference
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_shapes(q, k, v):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError("q, k, v must be (B, N, heads, head_dim)")
+    B, _, Nh, Dh = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape")
+    if k.shape[0] != B or k.shape[3] != Dh:
+        raise ValueError(f"incompatible q {q.shape} and k {k.shape}")
+    Nkv = k.shape[2]
+    if Nh % Nkv:
+        raise ValueError(f"num query heads {Nh} not a multiple of num kv heads {Nkv}")
+    return B, q.shape[1], k.shape[1], Nh, Nkv, Dh
+
+
+def dense_attention(q, k, v, q_tokens: MaskTokens, k_tokens: MaskTokens, *, scale=None):
+    """Reference attention with a materialised (B, Nq, Nk) mask."""
+    B, Nq, Nk, Nh, Nkv, Dh = _check_shapes(q, k, v)
+    G = Nh // Nkv
+    scale = 1.0 / math.sqrt(Dh) if scale is None else float(scale)
+    mask = allowed_mask(_as_tokens(q_tokens, B, Nq), _as_tokens(k_tokens, B, Nk))
+    mask = mask[:, None, None]  # (B, 1, 1, Nq, Nk)
+    qg = q.reshape(B, Nq, Nkv, G, Dh)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask, s, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)  # exactly 0 where masked (exp(-inf)); no NaN in value or gradient
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(l > 0, l, 1.0)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(B, Nq, Nh, Dh).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blockwise (flash) path
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_q(x, nb, bs):
+    """(B, nb*bs, ...) -> (nb, B, bs, ...)."""
+    B = x.shape[0]
+    return jnp.swapaxes(x.reshape((B, nb, bs) + x.shape[2:]), 0, 1)
+
+
+def _tile_scores(qi, kj, qti, ktj, scale):
+    """Masked fp32 scores of one tile: (B, Nkv, G, bq, bk), -inf where not allowed."""
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qi, kj, preferred_element_type=jnp.float32) * scale
+    mask = allowed_mask(qti, ktj)[:, None, None]
+    return jnp.where(mask, s, -jnp.inf)
+
+
+def _flash_fwd_impl(q, k, v, qt, kt, scale, bq, bk):
+    """q (B, Nq, Nkv, G, Dh), k/v (B, Nk, Nkv, Dh); Nq % bq == Nk % bk == 0.
+
+    Returns out (B, Nq, Nkv, G, Dh) in q.dtype and lse (nq, B, Nkv, G, bq) fp32 (0 for empty rows).
+    """
+    B, Nq, Nkv, G, Dh = q.shape
+    Nk = k.shape[1]
+    nq, nk = Nq // bq, Nk // bk
+    qb, qtb = _block_q(q, nq, bq), MaskTokens(*(_block_q(a, nq, bq) for a in qt))
+    kb, vb = _block_q(k, nk, bk), _block_q(v, nk, bk)
+    ktb = MaskTokens(*(_block_q(a, nk, bk) for a in kt))
+
+    def q_block(args):
+        qi, qti = args
+
+        def k_step(carry, xs):
+            acc, m, l = carry
+            kj, vj, ktj = xs
+            s = _tile_scores(qi, kj, qti, ktj, scale)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            alpha = jnp.exp(m - m_safe)  # m = -inf -> 0
+            p = jnp.exp(s - m_safe[..., None])  # masked -> 0
+            l = alpha * l + jnp.sum(p, axis=-1)
+            pv = jnp.einsum(
+                "bhgqk,bkhd->bhgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32
+            )
+            acc = alpha[..., None] * acc + pv
+            return (acc, m_new, l), None
+
+        init = (
+            jnp.zeros((B, Nkv, G, bq, Dh), jnp.float32),
+            jnp.full((B, Nkv, G, bq), -jnp.inf, jnp.float32),
+            jnp.zeros((B, Nkv, G, bq), jnp.float32),
+        )
+        (acc, m, l), _ = jax.lax.scan(k_step, init, (kb, vb, ktb))
+        nonempty = l > 0
+        l_safe = jnp.where(nonempty, l, 1.0)
+        o = acc / l_safe[..., None]
+        lse = jnp.where(nonempty, m + jnp.log(l_safe), 0.0)
+        return jnp.transpose(o, (0, 3, 1, 2, 4)).astype(q.dtype), lse  # (B, bq, Nkv, G, Dh)
+
+    ob, lse = jax.lax.map(q_block, (qb, qtb))
+    out = jnp.swapaxes(ob, 0, 1).reshape(B, Nq, Nkv, G, Dh)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, qt, kt, scale, bq, bk):
+    return _flash_fwd_impl(q, k, v, qt, kt, scale, bq, bk)[0]
+
+
+def _flash_fwd(q, k, v, qt, kt, scale, bq, bk):
+    out, lse = _flash_fwd_impl(q, k, v, qt, kt, scale, bq, bk)
+    return out, (q, k, v, qt, kt, out, lse)
+
+
+def _flash_bwd(scale, bq, bk, res, dout):
+    q, k, v, qt, kt, out, lse = res
+    B, Nq, Nkv, G, Dh = q.shape
+    Nk = k.shape[1]
+    nq, nk = Nq // bq, Nk // bk
+    # D_i = sum_d dO_i * O_i  (= sum_j P_ij dP_ij), fp32, laid out like lse: (nq, B, Nkv, G, bq)
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (B,Nq,Nkv,G)
+    delta = jnp.transpose(_block_q(delta, nq, bq), (0, 1, 3, 4, 2))
+    qb, dob = _block_q(q, nq, bq), _block_q(dout.astype(q.dtype), nq, bq)
+    qtb = MaskTokens(*(_block_q(a, nq, bq) for a in qt))
+    kb, vb = _block_q(k, nk, bk), _block_q(v, nk, bk)
+    ktb = MaskTokens(*(_block_q(a, nk, bk) for a in kt))
+
+    def k_block(dq_all, xs):
+        kj, vj, ktj = xs
+
+        def q_step(carry, xs2):
+            dk, dv = carry
+            qi, doi, lsei, di, qti, dqi = xs2
+            s = _tile_scores(qi, kj, qti, ktj, scale)
+            p = jnp.exp(s - lsei[..., None])  # (B, Nkv, G, bq, bk); masked -> 0
+            dv = dv + jnp.einsum(
+                "bhgqk,bqhgd->bkhd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32
+            )
+            dp = jnp.einsum("bqhgd,bkhd->bhgqk", doi, vj, preferred_element_type=jnp.float32)
+            ds = p * (dp - di[..., None]) * scale
+            dqi = dqi + jnp.einsum(
+                "bhgqk,bkhd->bqhgd", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32
+            )
+            dk = dk + jnp.einsum(
+                "bhgqk,bqhgd->bkhd", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32
+            )
+            return (dk, dv), dqi
+
+        zeros_kv = jnp.zeros((B, bk, Nkv, Dh), jnp.float32)
+        (dk, dv), dq_all = jax.lax.scan(
+            q_step, (zeros_kv, zeros_kv), (qb, dob, lse, delta, qtb, dq_all)
+        )
+        return dq_all, (dk, dv)
+
+    dq0 = jnp.zeros((nq, B, bq, Nkv, G, Dh), jnp.float32)
+    dqb, (dkb, dvb) = jax.lax.scan(k_block, dq0, (kb, vb, ktb))
+    dq = jnp.swapaxes(dqb, 0, 1).reshape(q.shape).astype(q.dtype)
+    dk = jnp.swapaxes(dkb, 0, 1).reshape(k.shape).astype(k.dtype)
+    dv = jnp.swapaxes(dvb, 0, 1).reshape(v.shape).astype(v.dtype)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pad_tokens(t: MaskTokens, n_pad: int) -> MaskTokens:
+    if n_pad == 0:
+        return t
+    pad = lambda a, val: jnp.pad(a, ((0, 0), (0, n_pad)), constant_values=val)  # noqa: E731
+    # sample -1 matches nothing (the predicate requires sample >= 0)
+    return MaskTokens(
+        order=pad(t.order, 0), sample=pad(t.sample, -1), split=pad(t.split, -1),
+        mode=pad(t.mode, MODE_CAUSAL),
+    )
+
+
+def _round_up(n, m):
+    return -(-n // m) * m
+
+
+def blockwise_attention(
+    q, k, v, q_tokens: MaskTokens, k_tokens: MaskTokens, *, scale=None, block_q=512, block_k=512
+):
+    """Memory-bounded attention: online softmax over key blocks, tile masks from the ints.
+
+    Block sizes are clamped to the sequence lengths; Nq / Nk are padded internally up to a
+    multiple of the block size with tokens of sample id -1 (never attended, output dropped).
+    """
+    B, Nq, Nk, Nh, Nkv, Dh = _check_shapes(q, k, v)
+    G = Nh // Nkv
+    scale = 1.0 / math.sqrt(Dh) if scale is None else float(scale)
+    if block_q < 1 or block_k < 1:
+        raise ValueError("block sizes must be positive")
+    bq, bk = min(int(block_q), Nq), min(int(block_k), Nk)
+    if Nq == 0:
+        return jnp.zeros(q.shape, q.dtype)
+    if Nk == 0:
+        return jnp.zeros(q.shape, q.dtype)
+    Nqp, Nkp = _round_up(Nq, bq), _round_up(Nk, bk)
+    qt = _pad_tokens(_as_tokens(q_tokens, B, Nq), Nqp - Nq)
+    kt = _pad_tokens(_as_tokens(k_tokens, B, Nk), Nkp - Nk)
+    qg = q.reshape(B, Nq, Nkv, G, Dh)
+    if Nqp != Nq:
+        qg = jnp.pad(qg, ((0, 0), (0, Nqp - Nq), (0, 0), (0, 0), (0, 0)))
+    if Nkp != Nk:
+        kv_pad = ((0, 0), (0, Nkp - Nk), (0, 0), (0, 0))
+        k, v = jnp.pad(k, kv_pad), jnp.pad(v, kv_pad)
+    out = _flash(qg, k, v, qt, kt, scale, bq, bk)
+    return out[:, :Nq].reshape(B, Nq, Nh, Dh)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatcher
+# ----------------------------------------------------------------------------------------------
+
+
+def attention(
+    q, k, v, q_tokens: MaskTokens, k_tokens: MaskTokens, *, impl="auto", scale=None,
+    block_q=512, block_k=512, dense_max_len=4096,
+):
+    """Joint masked attention.  ``impl``: 'dense', 'blockwise', or 'auto' (dense when
+    Nq * Nk <= dense_max_len**2, else blockwise)."""
+    if impl == "auto":
+        impl = "dense" if q.shape[1] * k.shape[1] <= dense_max_len**2 else "blockwise"
+    if impl == "dense":
+        return dense_attention(q, k, v, q_tokens, k_tokens, scale=scale)
+    if impl == "blockwise":
+        return blockwise_attention(
+            q, k, v, q_tokens, k_tokens, scale=scale, block_q=block_q, block_k=block_k
+        )
+    raise ValueError(f"unknown attention impl {impl!r}; expected 'auto', 'dense' or 'blockwise'")

@@ -1,0 +1,1 @@
+"""Flax modules: the dual-stream backbone and the Lance glue around it."""

@@ -1,0 +1,183 @@
+"""Dual-stream (MoT) Qwen2 decoder: und weights for text/ViT tokens, `*_moe_gen` weights for VAE latents.
+
+Routing without waste (design §3): the host lays every packed sequence out stream-sorted, all und
+tokens first (capacity Cu) and all gen tokens after (capacity Cg), each token carrying its original
+index for causality. So a layer runs each weight set as one dense matmul over its own slice, and
+attention is joint over the concatenation with a mask predicate over per-token ints. Layers are
+scanned; every param has logical axis names.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lance_jax.config import ModelConfig
+from lance_jax.layers.attention import MaskTokens, attention
+from lance_jax.layers.linear import dense
+from lance_jax.layers.mlp import MLP
+from lance_jax.layers.norms import RMSNorm
+from lance_jax.layers.rotary import apply_rotary
+
+GEN = "_moe_gen"
+
+
+class Streams(NamedTuple):
+    """The residual stream split by weight set: und (B, Cu, H) and gen (B, Cg, H)."""
+
+    und: jax.Array
+    gen: jax.Array
+
+
+def _per_stream(cfg: ModelConfig, fn, x: Streams) -> Streams:
+    """Apply `fn(suffix, array)` with the und weights to x.und and the gen weights to x.gen."""
+    if cfg.dual_stream:
+        return Streams(fn("", x.und), fn(GEN, x.gen))
+    n_und = x.und.shape[1]
+    joint = fn("", jnp.concatenate([x.und, x.gen], axis=1))
+    return Streams(joint[:, :n_und], joint[:, n_und:])
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+class Attention(nn.Module):
+    """Joint GQA attention with per-stream q/k/v/o projections and per-head q/k RMSNorm before rotary."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Streams, cos, sin, tokens: MaskTokens) -> Streams:
+        cfg = self.cfg
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        nh, nkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(dtype=dt, param_dtype=pdt)
+        qk_norm = {"": cfg.qk_norm_und, GEN: cfg.qk_norm_gen}
+
+        def project(suffix, h):
+            q = dense((nh, dh), ("embed", "q_heads", "head_dim"), use_bias=True, name="q_proj" + suffix, **kw)(h)
+            k = dense((nkv, dh), ("embed", "kv_heads", "head_dim"), use_bias=True, name="k_proj" + suffix, **kw)(h)
+            v = dense((nkv, dh), ("embed", "kv_heads", "head_dim"), use_bias=True, name="v_proj" + suffix, **kw)(h)
+            if qk_norm[suffix]:
+                q = RMSNorm(cfg.rms_norm_eps, pdt, "head_dim", name="q_norm" + suffix)(q)
+                k = RMSNorm(cfg.rms_norm_eps, pdt, "head_dim", name="k_norm" + suffix)(k)
+            return jnp.concatenate([q.reshape(*q.shape[:2], -1), k.reshape(*k.shape[:2], -1), v.reshape(*v.shape[:2], -1)], -1)
+
+        qkv = _per_stream(cfg, project, x)
+        qkv = jnp.concatenate([qkv.und, qkv.gen], axis=1)
+        q, k, v = jnp.split(qkv, [nh * dh, (nh + nkv) * dh], axis=-1)
+        q = q.reshape(*q.shape[:2], nh, dh)
+        k = k.reshape(*k.shape[:2], nkv, dh)
+        v = v.reshape(*v.shape[:2], nkv, dh)
+        q = nn.with_logical_constraint(apply_rotary(q, cos, sin), ("activation_batch", "activation_length", "activation_heads", None))
+        k = nn.with_logical_constraint(apply_rotary(k, cos, sin), ("activation_batch", "activation_length", "activation_kv_heads", None))
+        out = attention(
+            q, k, v, tokens, tokens,
+            impl=cfg.attention_impl,
+            block_q=cfg.attention_block_size,
+            block_k=cfg.attention_block_size,
+            dense_max_len=cfg.dense_attention_max_len,
+        )
+        n_und = x.und.shape[1]
+        out = Streams(out[:, :n_und], out[:, n_und:])
+
+        def o_proj(suffix, h):
+            return dense(cfg.hidden_size, ("q_heads", "head_dim", "embed"), use_bias=False, axis=(-2, -1),
+                         name="o_proj" + suffix, **kw)(h)
+
+        return _per_stream(cfg, o_proj, out)
+
+
+class DecoderLayer(nn.Module):
+    """One MoT layer (10-backbone §2.4): pre-norm attention and SwiGLU MLP, each with per-stream weights.
+
+    Returns (x, None) so the layer is its own `nn.scan` body; the layer output is sown into
+    `intermediates/output` for parity runs (a no-op unless that collection is mutable).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Streams, cos, sin, tokens: MaskTokens):
+        cfg = self.cfg
+        pdt = _dtype(cfg.param_dtype)
+
+        def norm(name):
+            return lambda suffix, h: RMSNorm(cfg.rms_norm_eps, pdt, "norm", name=name + suffix)(h)
+
+        h = _per_stream(cfg, norm("input_layernorm"), x)
+        a = Attention(cfg, name="self_attn")(h, cos, sin, tokens)
+        x = Streams(x.und + a.und, x.gen + a.gen)
+        h = _per_stream(cfg, norm("post_attention_layernorm"), x)
+
+        def mlp(suffix, hh):
+            return MLP(cfg.intermediate_size, _dtype(cfg.dtype), pdt, name="mlp" + suffix)(hh)
+
+        m = _per_stream(cfg, mlp, h)
+        x = Streams(x.und + m.und, x.gen + m.gen)
+        x = Streams(*(nn.with_logical_constraint(s, ("activation_batch", "activation_length", "activation_embed")) for s in x))
+        self.sow("intermediates", "output", x)
+        return x, None
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class LanguageModel(nn.Module):
+    """The Qwen2 language model of Lance: embed_tokens, the scanned MoT layers, two final norms, lm_head.
+
+    `__call__`: embedded Streams (B, Cu, H) / (B, Cg, H), cos/sin (B, Cu+Cg, Dh), MaskTokens of (B, Cu+Cg)
+    -> final-normed Streams (und rows: `norm`, gen rows: `norm_moe_gen`).
+    """
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        pdt = _dtype(cfg.param_dtype)
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=_dtype(cfg.dtype), param_dtype=pdt,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        )
+        body = DecoderLayer
+        if cfg.remat_policy != "none":
+            body = nn.remat(body, policy=_REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                body,
+                variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg)
+        else:
+            self.layers = [body(cfg) for _ in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, pdt, "norm")
+        if cfg.dual_stream:
+            self.norm_moe_gen = RMSNorm(cfg.rms_norm_eps, pdt, "norm")
+        self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=_dtype(cfg.dtype), param_dtype=pdt)
+
+    def embed(self, ids):
+        """(B, N) int -> (B, N, H)."""
+        return self.embed_tokens(ids)
+
+    def logits(self, h):
+        """(B, K, H) -> (B, K, V) float32."""
+        return self.lm_head(h).astype(jnp.float32)
+
+    def __call__(self, x: Streams, cos, sin, tokens: MaskTokens) -> Streams:
+        if self.cfg.scan_layers:
+            x, _ = self.layers(x, cos, sin, tokens)
+        else:
+            for layer in self.layers:
+                x, _ = layer(x, cos, sin, tokens)
+        if self.cfg.dual_stream:
+            return Streams(self.norm(x.und), self.norm_moe_gen(x.gen))
+        return _per_stream(self.cfg, lambda _, h: self.norm(h), x)
