@@ -181,6 +181,10 @@ def load_reference_config(model_dir: str, **overrides) -> ModelConfig:
         with open(lance_path) as f:
             lance = json.load(f)
     where = llm_path
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    absent = [k for k in required if k not in llm]
+    if absent:
+        raise KeyError(f"{llm_path} lacks required field(s) {absent}")
     vision = llm.get("vision_config", {})
     rope_scaling = llm.get("rope_scaling") or {}
     layer_module = lance.get("layer_module", llm.get("layer_module", "Qwen2MoTDecoderLayer"))

@@ -171,6 +171,30 @@ def read_tensors(path: str, keys: Iterable[str] | None = None) -> Iterator[tuple
         yield key, data[begin:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (any dtype of _ST_DTYPES, bf16 included) as .safetensors, atomically (tmp + rename)."""
+    names = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+    header, offset = {}, 0
+    for key, arr in tensors.items():
+        arr_dtype = np.dtype(arr.dtype)
+        if arr_dtype not in names:
+            raise ValueError(f"tensor {key}: dtype {arr_dtype} cannot be stored in safetensors")
+        nbytes = arr.size * arr_dtype.itemsize
+        header[key] = {"dtype": names[arr_dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data section starts 8-byte aligned
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in tensors.values():
+            f.write(np.ascontiguousarray(arr).tobytes())
+    os.replace(tmp, path)
+
+
 class CheckpointMismatchError(ValueError):
     """Raised once with every missing, unexpected and mis-shaped key listed."""
 

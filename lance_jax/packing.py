@@ -158,13 +158,55 @@ def plan_stream_batch(
     return plan
 
 
+# field -> (which capacity sizes its row axis, fill value); the row axis is the last one except for latents.
+_FIELDS = {
+    "und_ids": ("und", 0), "und_vit_slot": ("und", -1), "und_index": ("und", -1),
+    "latents": ("gen", 0.0), "latent_pos_ids": ("gen", 0), "timestep_logits": ("gen", -np.inf), "gen_index": ("gen", -1),
+    "position_ids": ("seq", 0), "order": ("seq", 0), "sample": ("seq", -1), "split": ("seq", -1), "mode": ("seq", 0),
+    "ce_rows": ("ce", 0), "ce_labels": ("ce", IGNORE_LABEL), "ce_valid": ("ce", False),
+}
+
+
+def stream_capacities(plan: dict[str, np.ndarray]) -> Capacities:
+    """Capacities of a plan (batched or not); vit is the number of `vit_embeds` rows (0 if absent)."""
+    vit = plan["vit_embeds"].shape[-2] if "vit_embeds" in plan else 0
+    return Capacities(plan["und_ids"].shape[-1], plan["latents"].shape[-2], plan["ce_rows"].shape[-1], vit)
+
+
+def pad_stream_batch(plan: dict[str, np.ndarray], capacities: Capacities) -> dict[str, np.ndarray]:
+    """The same plan with larger capacities (padding rows appended; outputs of real rows unchanged)."""
+    old = stream_capacities(plan)
+    grow = {"und": capacities.und - old.und, "gen": capacities.gen - old.gen, "ce": capacities.ce - old.ce}
+    if min(grow.values()) < 0 or capacities.vit < old.vit:
+        raise ValueError(f"cannot shrink capacities {old} to {capacities}")
+    out = dict(plan)
+    for key, (kind, fill) in _FIELDS.items():
+        a = plan[key]
+        axis = a.ndim - (2 if key == "latents" else 1)
+        if kind == "seq":  # und rows then gen rows: pad each part
+            und, gen = np.split(a, [old.und], axis=axis)
+            out[key] = np.concatenate([_pad_axis(und, axis, grow["und"], fill), _pad_axis(gen, axis, grow["gen"], fill)], axis)
+        else:
+            out[key] = _pad_axis(a, axis, grow[kind], fill)
+    if "vit_embeds" in plan:
+        out["vit_embeds"] = _pad_axis(plan["vit_embeds"], plan["vit_embeds"].ndim - 2, capacities.vit - old.vit, 0.0)
+    return out
+
+
+def _pad_axis(a: np.ndarray, axis: int, n: int, fill) -> np.ndarray:
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, n)
+    return np.pad(a, widths, constant_values=fill)
+
+
 def stack_stream_batches(plans: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Stack plans of equal capacities into a batch (leading dim B)."""
-    shapes = {k: {p[k].shape for p in plans} for k in plans[0]}
-    mixed = {k: s for k, s in shapes.items() if len(s) > 1}
-    if mixed:
-        raise ValueError(f"plans have different capacities: {mixed}")
-    return {k: np.stack([p[k] for p in plans]) for k in plans[0]}
+    """Stack plans into a batch (leading dim B), padding each to the largest capacities."""
+    caps = Capacities(*np.max([stream_capacities(p) for p in plans], axis=0).tolist())
+    padded = [pad_stream_batch(p, caps) for p in plans]
+    keys = set(padded[0])
+    if any(set(p) != keys for p in padded):
+        raise ValueError("plans have different keys")
+    return {k: np.stack([p[k] for p in padded]) for k in padded[0]}
 
 
 def natural_order(und_rows: np.ndarray, gen_rows: np.ndarray, und_index: np.ndarray, gen_index: np.ndarray, n: int):

@@ -71,13 +71,14 @@ def compare(case: str, name: str, ours, golden, tol: float) -> Row:
 class Golden:
     """A golden directory: configs, case arrays and case metadata."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, config_overrides: dict | None = None):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"golden directory {root} not found (set --golden or LANCE_GOLDEN)")
         self.root = root
         with open(os.path.join(root, "cases.json")) as f:
             self.meta = json.load(f)
         self._arrays: dict[str, dict] = {}
+        self.config_overrides = dict(config_overrides or {})
 
     @property
     def model_dir(self) -> str:
@@ -101,7 +102,7 @@ class Golden:
     def model_config(self, **overrides):
         from lance_jax.config import load_reference_config
 
-        return load_reference_config(self.model_dir, **overrides)
+        return load_reference_config(self.model_dir, **{**self.config_overrides, **overrides})
 
 
 @dataclasses.dataclass
@@ -134,9 +135,11 @@ def runners() -> dict[str, Callable[[Golden, int], CaseResult]]:
     return parity_cases.RUNNERS
 
 
-def run(golden_dir: str, cases: list[str] | None = None, benchmark: int = 0, out=sys.stdout) -> list[Row]:
+def run(golden_dir: str, cases: list[str] | None = None, benchmark: int = 0, out=None,
+        config_overrides: dict | None = None) -> list[Row]:
     """Run `cases` (default: every implemented case present in the golden) and print the table."""
-    golden = Golden(golden_dir)
+    out = out or sys.stdout
+    golden = Golden(golden_dir, config_overrides)
     available = golden.cases()
     known = runners()
     if cases is None:
@@ -171,12 +174,17 @@ def main(argv=None) -> int:
                         help="time each case's jitted computation: warm-up, then the median of REPEATS runs (default 10)")
     parser.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "default"],
                         help="jax_default_matmul_precision (parity tolerances assume 'highest')")
+    parser.add_argument("--attention-impl", default=None, choices=["auto", "dense", "blockwise"],
+                        help="override the model's attention implementation (default: the config's 'auto')")
+    parser.add_argument("--attention-block-size", default=None, type=int, help="blockwise attention tile size")
     args = parser.parse_args(argv)
     import jax
 
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     cases = args.cases.split(",") if args.cases else None
-    rows = run(args.golden, cases, args.benchmark)
+    overrides = {k: v for k, v in (("attention_impl", args.attention_impl),
+                                   ("attention_block_size", args.attention_block_size)) if v is not None}
+    rows = run(args.golden, cases, args.benchmark, config_overrides=overrides)
     return 0 if all(r.passed for r in rows) else 1
 
 

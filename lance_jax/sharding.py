@@ -61,9 +61,9 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
 
 
 @contextlib.contextmanager
-def logical_rules(rules=LOGICAL_RULES):
-    """Activate the rules table for `nn.with_logical_constraint` inside jitted model code."""
-    with nn.logical_axis_rules(rules):
+def use_mesh(mesh: Mesh, rules=LOGICAL_RULES):
+    """Make `mesh` current and activate the rules table for `nn.with_logical_constraint` in model code."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
 
 

@@ -1,81 +1,38 @@
 """MaPE position ids: exact equality with the reference goldens + the spec's worked examples (spec 20 §5)."""
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from conftest import GOLDEN_DIR
+from lance_jax import parity_cases
 from lance_jax import positions as P
-
-GOLDEN = Path(os.environ.get("LANCE_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
-MISSING = f"golden directory {GOLDEN} not found (set LANCE_GOLDEN)"
+from lance_jax.config import load_reference_config
 
 
 def _token_ids():
-    """(RopeTokens, vision_end_id) from the golden llm_config.json; stock Qwen2.5 ids when absent."""
-    cfg_path = GOLDEN / "model" / "llm_config.json"
-    if not cfg_path.is_file():  # hand-built tests do not need the goldens
+    """(RopeTokens, vision_end_id) from the golden config; stock Qwen2.5 ids when it is absent."""
+    if not (GOLDEN_DIR / "model" / "llm_config.json").is_file():  # hand-built tests do not need the goldens
         return P.RopeTokens(151652, 151655, 151656), 151653
-    cfg = json.loads(cfg_path.read_text())
-    vision = cfg["vision_config"]
-    tokens = P.RopeTokens(vision_start_id=cfg["vision_start_token_id"], image_token_id=cfg["image_token_id"],
-                          video_token_id=cfg["video_token_id"], spatial_merge_size=vision["spatial_merge_size"],
-                          tokens_per_second=vision["tokens_per_second"])
-    return tokens, cfg["vision_end_token_id"]
+    cfg = load_reference_config(str(GOLDEN_DIR / "model"))
+    return P.RopeTokens.from_model_config(cfg), cfg.vision_end_token_id
 
 
 TOK, VE = _token_ids()
 VS, VP, TXT = TOK.vision_start_id, TOK.video_token_id, 1  # any non-special id stands for text
 
 
-def _golden_cases():
-    return json.loads((GOLDEN / "cases.json").read_text())["cases"]
+def test_golden_layouts_exact(golden, golden_cfg):
+    """Every layout of positions.npz (train_*, infer_* incl. uncond and x2t variants), exact."""
+    tokens = P.RopeTokens.from_model_config(golden_cfg)
+    layouts = parity_cases.position_layouts(golden)
+    assert any(name.startswith("train_") for name in layouts) and any(name.startswith("infer_") for name in layouts)
+    rows = [r for name in layouts for r in parity_cases.position_rows(golden, name, tokens)]
+    failed = [r.format() for r in rows if not r.passed]
+    assert not failed, "\n".join(failed)
+    assert {r.name.split(":")[1] for r in rows} >= {"rope_raw", "rope", "uncond_rope", "full_rope_train_style"}
 
 
-def _position_layouts():
-    if not GOLDEN.is_dir():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=MISSING))]
-    with np.load(GOLDEN / "cases" / "positions.npz") as z:
-        return sorted(k[: -len("_input_ids")] for k in z.files
-                      if k.endswith("_input_ids") and not k.endswith("_full_input_ids"))
-
-
-@pytest.mark.parametrize("name", _position_layouts())
-def test_golden_layout(name):
-    layouts = _golden_cases()["positions"]["layouts"]
-    with np.load(GOLDEN / "cases" / "positions.npz") as npz:
-        z = {k[len(name) + 1:]: npz[k] for k in npz.files if k.startswith(name + "_")}
-    ids, grids = z["input_ids"], z["video_grid_thw"]
-    modes = layouts.get(name, {}).get("attn_modes")
-    if "rope_raw" in z:  # training / generation: builder, then shift
-        np.testing.assert_array_equal(P.rope_index(ids, grids, TOK), z["rope_raw"])
-        np.testing.assert_array_equal(P.sample_position_ids(ids, grids, z["sample_modality"], modes, TOK), z["rope"])
-    else:  # understanding inference (context + pad ids): builder only
-        np.testing.assert_array_equal(P.x2t_inference_position_ids(ids, grids, TOK), z["rope"])
-    if "uncond_rope" in z:
-        keep, uncond = P.uncond_position_ids(ids, grids, z["sample_modality"], modes, z["split_lens"], TOK)
-        np.testing.assert_array_equal(keep, z["uncond_mask"])
-        np.testing.assert_array_equal(uncond, z["uncond_rope"])
-    if "full_rope_train_style" in z:
-        mod = z["sample_modality_full"]
-        # the gate opens because the sample has a ViT ('full') split
-        modes = modes or (["full"] if (mod == P.MODALITY_REF_VIT).any() else ["causal"])
-        got = P.sample_position_ids(z["full_input_ids"], grids, mod, modes, TOK)
-        np.testing.assert_array_equal(got, z["full_rope_train_style"])
-
-
-@pytest.fixture
-def train_forward():
-    if not GOLDEN.is_dir():
-        pytest.skip(MISSING)
-    with np.load(GOLDEN / "cases" / "train_forward.npz") as z:
-        arrays = dict(z)
-    return arrays, _golden_cases()["train_forward"]["attn_modes"]
-
-
-def test_golden_packed_stream(train_forward):
-    z, modes = train_forward
+def test_golden_packed_stream(golden):
+    z, modes = golden.arrays("train_forward"), golden.case_meta("train_forward")["attn_modes"]
     n_real = len(z["sample_lens"]) - 1
     grids = [z[f"video_grid_thw_{i}"] for i in range(n_real)]
     got = P.packed_position_ids(z["packed_text_ids"], z["sample_lens"], grids, z["sample_modality"],

@@ -82,7 +82,7 @@ class TimestepEmbedder(nn.Module):
         args = t.astype(jnp.float32)[..., None] * timestep_frequencies(cfg.timestep_embed_dim)
         emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
         h = dense(cfg.hidden_size, ("time_freq", "embed"), name="mlp_0", **kw)(emb)
-        return dense(cfg.hidden_size, ("embed", "embed"), name="mlp_2", **kw)(nn.silu(h))
+        return dense(cfg.hidden_size, ("mlp", "embed"), name="mlp_2", **kw)(nn.silu(h))
 
 
 def cross_entropy_per_token(logits, labels):
