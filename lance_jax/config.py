@@ -212,6 +212,9 @@ def load_reference_config(model_dir: str, **overrides) -> ModelConfig:
         dual_stream=layer_module == "Qwen2MoTDecoderLayer",
         qk_norm_und=bool(qk_und),
         qk_norm_gen=bool(qk_gen),
+        # The reference casts the whole module, rotary buffers included, to the checkpoint's dtype
+        # (bf16 for the release): so bf16-rounded frequencies are the released behaviour.
+        rope_bf16_inv_freq=llm.get("torch_dtype", "bfloat16") == "bfloat16",
         bos_token_id=int(llm.get("bos_token_id", 151644)),
         eos_token_id=int(llm.get("eos_token_id", 151645)),
         pad_token_id=int(llm.get("pad_token_id") or 151643),  # <|endoftext|>; overridden from the tokenizer below
@@ -247,21 +250,24 @@ def config_dict_from_file(path: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def main(argv):
-    from absl import app, flags  # noqa: F401  (flags parsed by absl.app.run)
-
-    cfg = model_config_from_dict(_FLAGS.config.model)
-    from lance_jax.models.lance import count_params
-
-    print(json.dumps(dataclasses.asdict(cfg), indent=1))
-    print(f"parameters: {count_params(cfg):,}")
-
-
-if __name__ == "__main__":
+def _show_config_cli() -> None:
+    """`python -m lance_jax.config --config FILE [--config.model.X=...]`: resolved config + parameter count."""
     from absl import app, flags
     from ml_collections import config_flags
 
-    _FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "model config file", lock_config=True)
+    config_flag = config_flags.DEFINE_config_file("config", None, "model config file (configs/models/*.py)")
     flags.mark_flags_as_required(["config"])
+
+    def main(argv):
+        del argv
+        from lance_jax.models.lance import count_params
+
+        cfg = model_config_from_dict(config_flag.value.model)
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        print(f"parameters: {count_params(cfg):,}")
+
     app.run(main)
+
+
+if __name__ == "__main__":
+    _show_config_cli()

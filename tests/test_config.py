@@ -25,6 +25,14 @@ def test_reference_loader_reads_every_size_from_the_folder(golden):
     assert cfg.dual_stream and cfg.qk_norm_und and cfg.qk_norm_gen and not cfg.rope_bf16_inv_freq
 
 
+def test_bf16_rotary_default_follows_the_checkpoint_dtype(golden, tmp_path):
+    assert not golden.model_config().rope_bf16_inv_freq  # fp32 goldens
+    llm = json.loads(Path(golden.model_dir, "llm_config.json").read_text())
+    (tmp_path / "llm_config.json").write_text(json.dumps({**llm, "torch_dtype": "bfloat16"}))
+    assert load_reference_config(str(tmp_path)).rope_bf16_inv_freq  # the released json declares bf16
+    assert not load_reference_config(str(tmp_path), rope_bf16_inv_freq=False).rope_bf16_inv_freq
+
+
 def test_reference_loader_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="llm_config.json"):
         load_reference_config(str(tmp_path))

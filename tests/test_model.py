@@ -113,3 +113,12 @@ def test_released_parameter_count():
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "models", "lance_3b_image.py")
     cfg = model_config_from_dict(config_dict_from_file(path).model)
     assert count_params(cfg) == 6_185_205_808 - 4096 * 2048
+
+
+def test_bf16_rotary_option_changes_the_forward(golden_cfg, golden_inputs):
+    """Both settings of the quirk option run; 'on' (released behaviour) differs far beyond parity noise."""
+    params, batch, noise, _ = golden_inputs
+    off = _apply(golden_cfg, params, batch, noise)
+    on = _apply(golden_cfg.replace(rope_bf16_inv_freq=True), params, batch, noise)
+    rel = float(jnp.abs(on["hidden"].und - off["hidden"].und).max() / jnp.abs(off["hidden"].und).max())
+    assert rel > 1e-3, rel

@@ -4,7 +4,7 @@ Routing without waste (design §3): the host lays every packed sequence out stre
 tokens first (capacity Cu) and all gen tokens after (capacity Cg), each token carrying its original
 index for causality. So a layer runs each weight set as one dense matmul over its own slice, and
 attention is joint over the concatenation with a mask predicate over per-token ints. Layers are
-scanned; every param has logical axis names.
+scanned (`LanguageModel`); every param has logical axis names.
 """
 from __future__ import annotations
 
