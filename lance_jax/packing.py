@@ -27,7 +27,7 @@ from typing import NamedTuple, Sequence
 import einops
 import numpy as np
 
-from lance_jax.layers.attention import mask_tokens_from_splits
+from lance_jax.layers.masking import mask_tokens_from_splits
 
 IGNORE_LABEL = -100
 

@@ -1,33 +1,17 @@
-"""Tests for lance_jax.layers.attention: mask predicate, dense vs blockwise attention."""
+"""Tests for lance_jax.layers.attention and masking: mask predicate, dense vs blockwise attention."""
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lance_jax.layers.attention import (
-    MODE_CAUSAL,
-    MODE_FULL,
-    MODE_NOISE,
-    MaskTokens,
-    allowed_mask,
-    attention,
-    blockwise_attention,
-    dense_attention,
-    mask_tokens_from_splits,
-)
+from lance_jax.layers.attention import attention, blockwise_attention, dense_attention
+from lance_jax.layers.masking import MODE_CAUSAL, MODE_FULL, MODE_NOISE, MaskTokens, allowed_mask, mask_tokens_from_splits
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-GOLDEN = Path(
-    os.environ.get("LANCE_GOLDEN", Path(__file__).resolve().parents[1] / ".." / "shared" / "golden")
-)
 
 # Tolerance for blockwise vs dense: both run in fp32 with 'highest' matmul precision, so they
 # compute the same exact quantity and differ only by rounding: different summation order of the
@@ -88,12 +72,9 @@ def random_qkv(rng, b, nq, nk, nh=4, nkv=2, dh=8):
 # ------------------------------------------------------------------------------------------
 
 
-def test_golden_mask_matches_reference():
-    npz, cases = GOLDEN / "cases" / "train_forward.npz", GOLDEN / "cases.json"
-    if not npz.exists() or not cases.exists():
-        pytest.skip(f"golden files not found under {GOLDEN} (set LANCE_GOLDEN)")
-    data = np.load(npz)
-    modes = json.loads(cases.read_text())["cases"]["train_forward"]["attn_modes"]
+def test_golden_mask_matches_reference(golden):
+    data = golden.arrays("train_forward")
+    modes = golden.case_meta("train_forward")["attn_modes"]
     d = mask_tokens_from_splits(data["sample_lens"], data["split_lens"], modes)
     for v in d.values():
         assert v.dtype == np.int32 and v.shape == (int(data["sample_lens"].sum()),)

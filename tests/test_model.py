@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lance_jax import packing, parity_cases
+from lance_jax import packing
+from lance_jax.parity_cases.train_forward import train_forward_inputs
 from lance_jax.convert import load_reference_params
 from lance_jax.models.lance import Lance, count_params, init_params
 from lance_jax.sharding import LOGICAL_RULES
@@ -14,7 +15,7 @@ from lance_jax.sharding import LOGICAL_RULES
 @pytest.fixture(scope="module")
 def golden_inputs(golden, golden_cfg):
     params = load_reference_params(golden.model_dir, golden_cfg)
-    batch, noise, extras = parity_cases.train_forward_inputs(golden, golden_cfg)
+    batch, noise, extras = train_forward_inputs(golden, golden_cfg)
     return params, batch, noise, extras
 
 

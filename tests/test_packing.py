@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from lance_jax import packing
-from lance_jax.layers.attention import MODE_NOISE
+from lance_jax.layers.masking import MODE_NOISE
 
 
 def _plan(n_text=6, n_lat=4, caps=None):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN_DIR
-from lance_jax import parity_cases
+from lance_jax.parity_cases.positions import position_layouts, position_rows
 from lance_jax import positions as P
 from lance_jax.config import load_reference_config
 
@@ -23,9 +23,9 @@ VS, VP, TXT = TOK.vision_start_id, TOK.video_token_id, 1  # any non-special id s
 def test_golden_layouts_exact(golden, golden_cfg):
     """Every layout of positions.npz (train_*, infer_* incl. uncond and x2t variants), exact."""
     tokens = P.RopeTokens.from_model_config(golden_cfg)
-    layouts = parity_cases.position_layouts(golden)
+    layouts = position_layouts(golden)
     assert any(name.startswith("train_") for name in layouts) and any(name.startswith("infer_") for name in layouts)
-    rows = [r for name in layouts for r in parity_cases.position_rows(golden, name, tokens)]
+    rows = [r for name in layouts for r in position_rows(golden, name, tokens)]
     failed = [r.format() for r in rows if not r.passed]
     assert not failed, "\n".join(failed)
     assert {r.name.split(":")[1] for r in rows} >= {"rope_raw", "rope", "uncond_rope", "full_rope_train_style"}

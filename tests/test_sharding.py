@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from lance_jax import packing, parity_cases, sharding
+from lance_jax import packing, sharding
+from lance_jax.parity_cases.train_forward import train_forward_inputs
 from lance_jax.convert import load_reference_params
 from lance_jax.models.lance import Lance, init_params
 
@@ -12,7 +13,7 @@ from lance_jax.models.lance import Lance, init_params
 @pytest.fixture(scope="module")
 def inputs(golden, golden_cfg):
     params = load_reference_params(golden.model_dir, golden_cfg)
-    batch, noise, _ = parity_cases.train_forward_inputs(golden, golden_cfg)
+    batch, noise, _ = train_forward_inputs(golden, golden_cfg)
     # four different rows: same layout, different noise, so batch-mixing bugs would show
     rows = 4
     batch = {k: np.repeat(v, rows, axis=0) for k, v in batch.items()}

@@ -1,174 +1,34 @@
-"""Joint attention over a packed multimodal sequence (spec 10-backbone §5).
-
-The attention mask is never passed around as a matrix.  Every token carries four small ints
-(:class:`MaskTokens`) and the mask is a predicate over a (query token, key token) pair:
-
-    FN(i) = split(i) if mode(i) in {FULL, NOISE} else -1
-    NZ(i) = split(i) if mode(i) == NOISE else -1
-    allowed(q, k) = (order(k) <= order(q)  or  (FN(q) == FN(k) and FN(q) >= 0))
-                    and not (NZ(k) >= 0 and NZ(q) != NZ(k))
-                    and sample(q) == sample(k) and sample(q) >= 0
-
-i.e. causal by original sequence index, bidirectional inside `full`/`noise` splits, noisy-target
-splits invisible to every other split, no attention across packed samples.  The extra
-``sample >= 0`` clause is this port's padding convention: a token with a *negative* sample id is
-pure padding; it is attended by nothing and attends to nothing (its output row is exactly zero).
-The reference's own trailing pad *sample* (``to_tensor(use_flex=True)``) is an ordinary sample with a
-non-negative id and a causal split, and attends to itself causally — exactly as in the golden mask.
+"""Joint attention over a packed multimodal sequence, masked by the predicate of `masking.py`.
 
 Two implementations share the predicate:
 
-* :func:`dense_attention` — builds the (B, Nq, Nk) bool mask and the full score matrix.  Reference
-  path for tests and short sequences.
-* :func:`blockwise_attention` — flash-attention-style: queries are processed block by block
-  (``lax.map``), keys are scanned block by block with online-softmax accumulators, and the mask of
-  each (query block, key block) tile is recomputed on the fly from the ints.  Peak memory is
-  O(block_q * block_k) per head for scores plus O(N) for inputs/outputs; no N x N array exists, in
-  the forward *or* in the backward pass (a ``jax.custom_vjp`` recomputes the tiles from the saved
-  log-sum-exp, FlashAttention-2 style).  Reverse-mode only (``jax.grad``/``vjp``); forward-mode
-  (``jax.jvp``/``jacfwd``) through the blockwise path is not supported by ``custom_vjp``.
+* `dense_attention` builds the (B, Nq, Nk) bool mask and the full score matrix. Reference path for
+  tests and short sequences.
+* `blockwise_attention` is flash-attention style: queries are processed block by block (`lax.map`),
+  keys are scanned block by block with online-softmax accumulators, and the mask of each tile is
+  recomputed on the fly from the ints. No N x N array exists in the forward or the backward pass (a
+  `jax.custom_vjp` recomputes the tiles from the saved log-sum-exp, FlashAttention-2 style).
+  Reverse-mode only (`jax.grad`/`vjp`); forward-mode through it is not supported by `custom_vjp`.
 
-Numerics for both: scores / softmax statistics in float32 whatever the input dtype; matmuls take
-the input dtype with ``preferred_element_type=float32``; probabilities are cast to the value dtype
-before the PV matmul; output is cast back to ``q.dtype``.  Query rows with no allowed key give 0.
+Numerics for both: scores and softmax statistics in float32 whatever the input dtype; matmuls take
+the input dtype with `preferred_element_type=float32`; probabilities are cast to the value dtype
+before the PV matmul; output is cast back to `q.dtype`. Query rows with no allowed key give 0.
 
 Shapes: q (B, Nq, Nh, Dh); k, v (B, Nk, Nkv, Dh), Nh % Nkv == 0, query head h uses kv head
-h // (Nh // Nkv) (contiguous grouping, as HF ``repeat_kv``).  Token ints are int32 (B, Nq) / (B, Nk)
-(a leading batch dim of 1 is broadcast).  Nq may differ from Nk (KV-cache chunk queries against
-cache + chunk keys); causality compares ``order`` only, so the array positions never matter.
+h // (Nh // Nkv) (contiguous grouping, as HF `repeat_kv`). Token ints are int32 (B, Nq) / (B, Nk)
+(a leading batch dim of 1 is broadcast). Nq may differ from Nk (KV-cache chunk queries against
+cache + chunk keys); causality compares `order` only, so array positions never matter.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-__all__ = [
-    "MODE_CAUSAL",
-    "MODE_FULL",
-    "MODE_NOISE",
-    "ATTN_MODE_CODES",
-    "MaskTokens",
-    "mask_tokens_from_splits",
-    "allowed_mask",
-    "dense_attention",
-    "blockwise_attention",
-    "attention",
-]
-
-MODE_CAUSAL, MODE_FULL, MODE_NOISE = 0, 1, 2
-
-# Split attention-mode strings (as in the reference data pipeline / cases.json) -> mode code.
-# 'full_noise' is mapped to full by the reference training forward.  'full_noise_target' is only
-# produced by inference helpers, which also map it to full (the training forward would not; it is
-# never produced by training data, spec 10 §5.1).
-ATTN_MODE_CODES: Mapping[str, int] = {
-    "causal": MODE_CAUSAL,
-    "full": MODE_FULL,
-    "full_noise": MODE_FULL,
-    "full_noise_target": MODE_FULL,
-    "noise": MODE_NOISE,
-}
-
-
-class MaskTokens(NamedTuple):
-    """Per-token ints (each int32, shape (B, N)) from which the attention mask is evaluated."""
-
-    order: jax.Array  # original sequence index (causality compares this, never the array position)
-    sample: jax.Array  # packed-sample (document) id; negative = pure padding
-    split: jax.Array  # global split id
-    mode: jax.Array  # MODE_CAUSAL / MODE_FULL / MODE_NOISE
-
-
-# ----------------------------------------------------------------------------------------------
-# Host-side layout helper
-# ----------------------------------------------------------------------------------------------
-
-
-def mask_tokens_from_splits(
-    sample_lens: Sequence[int] | np.ndarray,
-    split_lens: Sequence[int] | np.ndarray,
-    attn_modes: Sequence[str],
-) -> dict[str, np.ndarray]:
-    """Per-token mask ints for one packed sequence (NumPy, host side).
-
-    ``sample_lens``: tokens per packed sample (the reference's trailing pad sample included, it is
-    a normal sample here).  ``split_lens``: tokens per split, global across samples (splits never
-    straddle a sample boundary).  ``attn_modes``: one mode string per split.
-
-    Returns ``{'order', 'sample', 'split', 'mode'}``, each an int32 array of shape (N,),
-    N = sum(sample_lens).  ``MaskTokens(**{k: v[None] for k, v in d.items()})`` makes a batch of 1.
-    """
-    sample_lens = np.asarray(sample_lens, dtype=np.int64).reshape(-1)
-    split_lens = np.asarray(split_lens, dtype=np.int64).reshape(-1)
-    attn_modes = list(attn_modes)
-    if len(attn_modes) != split_lens.size:
-        raise ValueError(
-            f"got {len(attn_modes)} attn_modes for {split_lens.size} splits"
-        )
-    if (sample_lens < 0).any() or (split_lens < 0).any():
-        raise ValueError("sample_lens and split_lens must be non-negative")
-    n = int(sample_lens.sum())
-    if int(split_lens.sum()) != n:
-        raise ValueError(
-            f"sum(split_lens)={int(split_lens.sum())} != sum(sample_lens)={n}"
-        )
-    sample_ends = np.cumsum(sample_lens)
-    split_ends = np.cumsum(split_lens)
-    if not np.isin(sample_ends[sample_lens > 0], split_ends).all():
-        raise ValueError("a split straddles a sample boundary")
-    codes = []
-    for m in attn_modes:
-        if m not in ATTN_MODE_CODES:
-            raise ValueError(
-                f"unknown attention mode {m!r}; expected one of {sorted(ATTN_MODE_CODES)}"
-            )
-        codes.append(ATTN_MODE_CODES[m])
-    codes = np.asarray(codes, dtype=np.int32)
-    return {
-        "order": np.arange(n, dtype=np.int32),
-        "sample": np.repeat(np.arange(sample_lens.size, dtype=np.int32), sample_lens),
-        "split": np.repeat(np.arange(split_lens.size, dtype=np.int32), split_lens),
-        "mode": np.repeat(codes, split_lens),
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# Predicate
-# ----------------------------------------------------------------------------------------------
-
-
-def _as_tokens(t: MaskTokens, batch: int, n: int) -> MaskTokens:
-    return MaskTokens(
-        *(jnp.broadcast_to(jnp.asarray(a, dtype=jnp.int32), (batch, n)) for a in t)
-    )
-
-
-def allowed_mask(q_tokens: MaskTokens, k_tokens: MaskTokens) -> jax.Array:
-    """Dense (B, Nq, Nk) bool mask, True = query may attend to key.  Also used per tile."""
-    q = MaskTokens(*(jnp.asarray(a) for a in q_tokens))
-    k = MaskTokens(*(jnp.asarray(a) for a in k_tokens))
-
-    def fn(t):
-        return jnp.where((t.mode == MODE_FULL) | (t.mode == MODE_NOISE), t.split, -1)
-
-    def nz(t):
-        return jnp.where(t.mode == MODE_NOISE, t.split, -1)
-
-    qc = lambda a: a[..., :, None]  # noqa: E731  (B, Nq, 1)
-    kr = lambda a: a[..., None, :]  # noqa: E731  (B, 1, Nk)
-    fn_q, fn_k, nz_q, nz_k = fn(q), fn(k), nz(q), nz(k)
-    causal = kr(k.order) <= qc(q.order)
-    same_full = (qc(fn_q) == kr(fn_k)) & (qc(fn_q) >= 0)
-    hidden_noise = (kr(nz_k) >= 0) & (qc(nz_q) != kr(nz_k))
-    same_sample = (qc(q.sample) == kr(k.sample)) & (qc(q.sample) >= 0)
-    return (causal | same_full) & ~hidden_noise & same_sample
-
+from lance_jax.layers.masking import MODE_CAUSAL, MaskTokens, broadcast_tokens, allowed_mask
 
 # ----------------------------------------------------------------------------------------------
 # Dense reference
@@ -194,7 +54,7 @@ def dense_attention(q, k, v, q_tokens: MaskTokens, k_tokens: MaskTokens, *, scal
     B, Nq, Nk, Nh, Nkv, Dh = _check_shapes(q, k, v)
     G = Nh // Nkv
     scale = 1.0 / math.sqrt(Dh) if scale is None else float(scale)
-    mask = allowed_mask(_as_tokens(q_tokens, B, Nq), _as_tokens(k_tokens, B, Nk))
+    mask = allowed_mask(broadcast_tokens(q_tokens, B, Nq), broadcast_tokens(k_tokens, B, Nk))
     mask = mask[:, None, None]  # (B, 1, 1, Nq, Nk)
     qg = q.reshape(B, Nq, Nkv, G, Dh)
     s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
@@ -368,8 +228,8 @@ def blockwise_attention(
     if Nk == 0:
         return jnp.zeros(q.shape, q.dtype)
     Nqp, Nkp = _round_up(Nq, bq), _round_up(Nk, bk)
-    qt = _pad_tokens(_as_tokens(q_tokens, B, Nq), Nqp - Nq)
-    kt = _pad_tokens(_as_tokens(k_tokens, B, Nk), Nkp - Nk)
+    qt = _pad_tokens(broadcast_tokens(q_tokens, B, Nq), Nqp - Nq)
+    kt = _pad_tokens(broadcast_tokens(k_tokens, B, Nk), Nkp - Nk)
     qg = q.reshape(B, Nq, Nkv, G, Dh)
     if Nqp != Nq:
         qg = jnp.pad(qg, ((0, 0), (0, Nqp - Nq), (0, 0), (0, 0), (0, 0)))

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from lance_jax.config import ModelConfig
-from lance_jax.layers.attention import MaskTokens, attention
+from lance_jax.layers.attention import attention
+from lance_jax.layers.masking import MaskTokens
 from lance_jax.layers.linear import dense
 from lance_jax.layers.mlp import MLP
 from lance_jax.layers.norms import RMSNorm

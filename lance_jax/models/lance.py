@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lance_jax.config import ModelConfig
-from lance_jax.layers.attention import MaskTokens
+from lance_jax.layers.masking import MaskTokens
 from lance_jax.layers.linear import dense
 from lance_jax.layers.rotary import inv_frequencies, rotary_cos_sin
 from lance_jax.models.backbone import LanguageModel, Streams
