@@ -54,9 +54,13 @@ def latent_axis_tables(hidden: int, max_frames: int, max_size: int) -> tuple[np.
     )
 
 
-def latent_position_table(cfg: ModelConfig) -> np.ndarray:
-    """The full (Tmax*S^2, H) float32 table, as the reference stores it (for conversion and tests)."""
-    t, h, w = latent_axis_tables(cfg.hidden_size, cfg.max_latent_frames, cfg.max_latent_size)
+def latent_position_table(cfg: ModelConfig, max_latent_frames: int | None = None) -> np.ndarray:
+    """The full (Tmax*S^2, H) float32 table, as the reference stores it (for conversion and tests).
+
+    Tmax defaults to cfg.max_latent_frames; checkpoints store tables of other depths (the image one has 1).
+    """
+    frames = cfg.max_latent_frames if max_latent_frames is None else max_latent_frames
+    t, h, w = latent_axis_tables(cfg.hidden_size, frames, cfg.max_latent_size)
     s = cfg.max_latent_size
     f, y, x = np.meshgrid(np.arange(len(t)), np.arange(s), np.arange(s), indexing="ij")
     return np.concatenate([t[f.ravel()], h[y.ravel()], w[x.ravel()]], axis=1)

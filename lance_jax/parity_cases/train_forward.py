@@ -61,7 +61,9 @@ def train_forward_inputs(golden: Golden, cfg):
     return batch, noise, extras
 
 
-def run(golden: Golden, benchmark: int) -> CaseResult:
+def run(golden: Golden, benchmark: int, params: dict | None = None) -> CaseResult:
+    """Compare every train_forward array; `params` defaults to the golden model.safetensors, loaded strictly
+    (pass restored params to check a converted checkpoint)."""
     import jax
 
     from lance_jax import packing
@@ -69,10 +71,11 @@ def run(golden: Golden, benchmark: int) -> CaseResult:
     from lance_jax.layers.masking import MaskTokens, allowed_mask
     from lance_jax.models.lance import Lance
 
-    case = "train_forward"
+    case = CASE
     z = golden.arrays(case)
     cfg = golden.model_config()
-    params = load_reference_params(golden.model_dir, cfg)
+    if params is None:
+        params = load_reference_params(golden.model_dir, cfg)
     batch, noise, ex = train_forward_inputs(golden, cfg)
     n = ex["n"]
     model = Lance(cfg)
