@@ -37,6 +37,12 @@ LOGICAL_RULES: tuple[tuple[str, object], ...] = (
     ("norm", None),
     ("latent", None),
     ("time_freq", None),
+    # vision tower
+    ("qkv", None),
+    ("patch_channel", None),
+    ("patch_time", None),
+    ("patch_row", None),
+    ("patch_col", None),
 )
 
 

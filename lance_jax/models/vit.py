@@ -1,4 +1,4 @@
-"""Qwen2.5-VL vision tower (40 §B) and the optional MLP connector, as Flax modules, plus their key tables.
+"""Qwen2.5-VL vision tower (40 §B) as Flax modules, plus its key table and strict loader.
 
 `VisionTransformer` maps packed patches (N, C·tp·p·p) of k items to merged tokens (N/merge², out) in
 natural raster order `(item, ti, hb, wb)`. Its second input is a `VitPlan` built on the host from
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lance_jax.convert.keys import KeyRule, check_reference_keys, params_from_tensors
+from lance_jax.convert.keys import KeyRule, check_reference_keys, params_from_tensors, tensors_from_params
 from lance_jax.convert.safetensors_io import read_tensors, safetensors_header
 from lance_jax.layers.attention import attention
 from lance_jax.layers.linear import dense
@@ -30,15 +30,14 @@ from lance_jax.layers.rotary import rotate_half
 from lance_jax.models.vit_layout import Segments, VitPlan, vit_plan
 
 __all__ = [
-    "VitConfig", "load_vit_config", "VisionTransformer", "MLPConnector", "ConnectorConfig", "load_connector_config",
-    "vit_key_table", "connector_key_table", "vit_param_shapes", "load_vit_params", "load_connector_params",
-    "encode", "VitPlan", "vit_plan",
+    "VitConfig", "load_vit_config", "VisionTransformer", "vit_key_table", "vit_param_shapes", "load_vit_params",
+    "vit_reference_tensors", "encode", "vit_apply_fn", "VitPlan", "vit_plan",
 ]
 
 # Qwen2_5_VLVisionConfig defaults for the structural fields; the sizes (hidden 3584 etc. are the 7B
 # model's) must come from the file (40 §B.1).
 _STRUCTURE_DEFAULTS = dict(in_channels=3, patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
-                           fullatt_block_indexes=(7, 15, 23, 31), tokens_per_second=4)
+                           fullatt_block_indexes=(7, 15, 23, 31))
 _REQUIRED = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size")
 
 
@@ -57,7 +56,6 @@ class VitConfig:
     spatial_merge_size: int = 2
     window_size: int = 112  # pixels
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
-    tokens_per_second: int = 2  # used by the LLM's rope index only, kept for completeness
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     # None: bf16-rounded rotary tables exactly when computing in bf16, as the reference does after
@@ -77,6 +75,11 @@ class VitConfig:
             raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 (2-D rotary halves)")
         if self.window_size % (self.patch_size * self.spatial_merge_size):
             raise ValueError(f"window_size {self.window_size} not a multiple of patch*merge")
+        if self.attention_impl not in ("auto", "dense", "blockwise"):
+            raise ValueError(f"attention_impl {self.attention_impl!r} not in ('auto', 'dense', 'blockwise')")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name} {getattr(self, name)!r} not in ('float32', 'bfloat16', 'float16')")
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"fullatt_block_indexes {bad} outside [0, {self.depth})")
@@ -111,7 +114,7 @@ class VitConfig:
         return dataclasses.replace(self, **kw)
 
 
-def _json(path_or_folder: str, name: str) -> dict:
+def read_json(path_or_folder: str, name: str) -> dict:
     path = os.path.join(path_or_folder, name) if os.path.isdir(path_or_folder) else path_or_folder
     with open(path) as f:
         return json.load(f)
@@ -119,7 +122,7 @@ def _json(path_or_folder: str, name: str) -> dict:
 
 def load_vit_config(path_or_folder: str, **overrides) -> VitConfig:
     """VitConfig from a `Qwen2.5-VL-ViT/config.json` (or its folder); `overrides` set run options (dtype...)."""
-    d = _json(path_or_folder, "config.json")
+    d = read_json(path_or_folder, "config.json")
     missing = [k for k in _REQUIRED if k not in d]
     if missing:
         raise ValueError(f"ViT config.json lacks {missing} (sizes are never defaulted)")
@@ -148,13 +151,13 @@ def _rope(x, cos, sin):
 def segment_attention(q, k, v, seg: Segments, cfg: VitConfig):
     """Bidirectional attention inside each segment. q, k, v (N, heads, Dh) -> (N, heads, Dh).
 
-    Rows are gathered into the (S, L) segment batch; padding rows get sample id -1 (attend nothing,
-    attended by nothing) and are dropped when the results are read back through `scatter`.
+    Rows are gathered into the (S, L) segment batch; the mask lets a slot see the slots of its row with
+    the same sample id; padding (id -1) attends nothing, is attended by nothing and is never read back.
     """
     S, L = seg.gather.shape
     tokens = MaskTokens(
         order=jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (S, L)),
-        sample=jnp.where(seg.valid, 0, -1).astype(jnp.int32),
+        sample=seg.sample,
         split=jnp.zeros((S, L), jnp.int32),
         mode=jnp.full((S, L), MODE_FULL, jnp.int32),
     )
@@ -288,45 +291,6 @@ class VisionTransformer(nn.Module):
         return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
-@dataclasses.dataclass(frozen=True)
-class ConnectorConfig:
-    """The `vit_type = qwen2_5_vl` connector: fc1 (in -> out) -> act -> fc2 (out -> out), both biased."""
-
-    in_dim: int
-    out_dim: int
-    act: str = "gelu_pytorch_tanh"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-
-    def __post_init__(self):
-        if self.act not in _CONNECTOR_ACTS:
-            raise ValueError(f"unsupported connector_act {self.act!r}; expected one of {sorted(_CONNECTOR_ACTS)}")
-
-
-_CONNECTOR_ACTS = {"gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-                   "gelu": lambda x: nn.gelu(x, approximate=False)}
-
-
-def load_connector_config(path_or_folder: str, **overrides) -> ConnectorConfig:
-    """ConnectorConfig from a golden-style `connector_config.json` ({in_dim, out_dim, connector_act})."""
-    d = _json(path_or_folder, "connector_config.json")
-    kw = dict(in_dim=int(d["in_dim"]), out_dim=int(d["out_dim"]), act=d.get("connector_act", "gelu_pytorch_tanh"))
-    return ConnectorConfig(**{**kw, **overrides})
-
-
-class MLPConnector(nn.Module):
-    """x (..., in_dim) -> (..., out_dim). Not used by the released checkpoints (40 §B.9)."""
-
-    cfg: ConnectorConfig
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.cfg
-        kw = dict(use_bias=True, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        x = dense(cfg.out_dim, ("embed", "mlp"), name="fc1", **kw)(x)
-        return dense(cfg.out_dim, ("mlp", "embed"), name="fc2", **kw)(_CONNECTOR_ACTS[cfg.act](x))
-
-
 # ----------------------------------------------------------------------------------------------
 # Key tables and loading (40 §B.10)
 # ----------------------------------------------------------------------------------------------
@@ -360,26 +324,22 @@ _GLOBAL_TABLE = (
 )
 
 
-def vit_key_table(cfg: VitConfig, prefix: str = "", path_prefix: tuple[str, ...] = ()) -> list[KeyRule]:
+def vit_key_table(cfg: VitConfig, prefix: str = "") -> list[KeyRule]:
     """Every ViT tensor: prefix "" for `vit.safetensors`, "vit_model." inside the Lance checkpoint.
 
-    `path_prefix` nests our paths (e.g. ("vit_model",) when the ViT lives inside a larger tree).
+    Block params are one stacked leaf per tensor kind under `blocks` (scan_blocks) or `blocks_{i}`.
     """
-    rules = [KeyRule(prefix + ref, path_prefix + path, **kind) for ref, path, kind in _GLOBAL_TABLE]
+    rules = [KeyRule(prefix + ref, path, **kind) for ref, path, kind in _GLOBAL_TABLE]
     for i in range(cfg.depth):
         block = ("blocks",) if cfg.scan_blocks else (f"blocks_{i}",)
-        rules += [KeyRule(f"{prefix}blocks.{i}.{ref}", path_prefix + block + path, layer=i, stacked=cfg.scan_blocks,
-                          **kind) for ref, path, kind in _BLOCK_TABLE]
+        rules += [KeyRule(f"{prefix}blocks.{i}.{ref}", block + path, layer=i, stacked=cfg.scan_blocks, **kind)
+                  for ref, path, kind in _BLOCK_TABLE]
     return rules
 
 
-def connector_key_table(prefix: str = "connector.") -> list[KeyRule]:
-    return [KeyRule(f"{prefix}{fc}.{w}", (fc, "kernel" if w == "weight" else "bias"), **(_LINEAR if w == "weight" else _COPY))
-            for fc in ("fc1", "fc2") for w in ("weight", "bias")]
-
-
-def _shapes(abstract) -> dict:
-    return jax.tree.map(lambda x: tuple(x.shape), nn.unbox(abstract))
+def vit_reference_tensors(params: dict, cfg: VitConfig, prefix: str = ""):
+    """The inverse of loading: (reference key, array) for every ViT tensor, from our param tree."""
+    return tensors_from_params(params, vit_key_table(cfg, prefix))
 
 
 def vit_init_inputs(cfg: VitConfig):
@@ -391,10 +351,11 @@ def vit_init_inputs(cfg: VitConfig):
 def vit_param_shapes(cfg: VitConfig) -> dict:
     """Nested dict of our param shapes (abstract evaluation, nothing allocated)."""
     patches, plan = vit_init_inputs(cfg)
-    return _shapes(jax.eval_shape(lambda r: VisionTransformer(cfg).init(r, patches, plan), jax.random.PRNGKey(0))["params"])
+    abstract = jax.eval_shape(lambda r: VisionTransformer(cfg).init(r, patches, plan), jax.random.PRNGKey(0))
+    return jax.tree.map(lambda x: tuple(x.shape), nn.unbox(abstract["params"]))
 
 
-def _load(path: str, rules: list[KeyRule], shapes: dict, prefix: str, dtype) -> dict:
+def load_strict(path: str, rules: list[KeyRule], shapes: dict, prefix: str, dtype) -> dict:
     """Strict load of the keys under `prefix` (keys outside it belong to other components)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found")
@@ -412,17 +373,7 @@ def load_vit_params(path_or_folder: str, cfg: VitConfig, prefix: str = "") -> di
     path = path_or_folder
     if os.path.isdir(path):
         path = os.path.join(path, "model.safetensors" if prefix else "vit.safetensors")
-    return _load(path, vit_key_table(cfg, prefix), vit_param_shapes(cfg), prefix, cfg.param_dtype)
-
-
-def load_connector_params(path_or_folder: str, cfg: ConnectorConfig, prefix: str = "connector.") -> dict:
-    """Connector params from `connector.safetensors` (a folder picks that file); strict like load_vit_params."""
-    path = path_or_folder
-    if os.path.isdir(path):
-        path = os.path.join(path, "connector.safetensors")
-    shapes = {"fc1": {"kernel": (cfg.in_dim, cfg.out_dim), "bias": (cfg.out_dim,)},
-              "fc2": {"kernel": (cfg.out_dim, cfg.out_dim), "bias": (cfg.out_dim,)}}
-    return _load(path, connector_key_table(prefix), shapes, prefix, cfg.param_dtype)
+    return load_strict(path, vit_key_table(cfg, prefix), vit_param_shapes(cfg), prefix, cfg.param_dtype)
 
 
 # ----------------------------------------------------------------------------------------------

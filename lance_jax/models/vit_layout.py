@@ -20,6 +20,20 @@ import ml_dtypes
 import numpy as np
 
 
+class Segments(NamedTuple):
+    """A batch of attention rows over the window-ordered sequence.
+
+    gather  (S, L) int32  sequence row of each slot (0 on padding)
+    sample  (S, L) int32  segment id of each slot within its row, -1 on padding (the mask's `sample`:
+                          slots attend exactly to the slots of their row with the same id)
+    scatter (N,) int32    flat slot s*L + j of every sequence row, to read results back
+    """
+
+    gather: np.ndarray
+    sample: np.ndarray
+    scatter: np.ndarray
+
+
 def check_grid(grid_thw, merge: int) -> np.ndarray:
     """(k, 3) int64 grid rows, validated: positive, h and w multiples of the merge size."""
     grid = np.asarray(grid_thw)
@@ -126,12 +140,8 @@ def rotary_cos_sin_tables(size: int, head_dim: int, theta: float, bf16: bool = F
     return cos.astype(np.float32), sin.astype(np.float32)
 
 
-def segment_tables(cu: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Contiguous segments [cu[s], cu[s+1]) as a padded batch.
-
-    Returns gather (S, L) int32 (row of the sequence; 0 on padding), valid (S, L) bool and
-    scatter (N,) int32 (flat index s*L + j of every sequence row, to read results back).
-    """
+def segment_tables(cu: np.ndarray, length: int) -> Segments:
+    """Contiguous segments [cu[s], cu[s+1]) as a padded batch of S rows of `length` (one segment per row)."""
     cu = np.asarray(cu, np.int64)
     lens = np.diff(cu)
     if (lens <= 0).any() or lens.max() > length:
@@ -141,15 +151,19 @@ def segment_tables(cu: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray,
     gather = np.where(valid, cu[:-1, None] + j[None, :], 0)
     seg = np.repeat(np.arange(len(lens)), lens)
     scatter = seg * length + (np.arange(cu[-1]) - cu[:-1][seg])
-    return gather.astype(np.int32), valid, scatter.astype(np.int32)
+    return Segments(gather.astype(np.int32), np.where(valid, 0, -1).astype(np.int32), scatter.astype(np.int32))
 
 
-class Segments(NamedTuple):
-    """A padded batch of attention segments over the window-ordered sequence (see `segment_tables`)."""
+def single_sequence_segments(cu: np.ndarray) -> Segments:
+    """The same segments as ONE row of N tokens told apart by their sample ids (the mask's `sample`).
 
-    gather: np.ndarray  # (S, L) int32
-    valid: np.ndarray  # (S, L) bool
-    scatter: np.ndarray  # (N,) int32
+    Same results as `segment_tables`, but attention then costs O(N²) memory with the dense kernel:
+    kept as the baseline of `benchmarks/vit_memory.py` and for tests.
+    """
+    cu = np.asarray(cu, np.int64)
+    n = int(cu[-1])
+    sample = np.repeat(np.arange(len(cu) - 1), np.diff(cu))
+    return Segments(np.arange(n, dtype=np.int32)[None], sample.astype(np.int32)[None], np.arange(n, dtype=np.int32))
 
 
 class VitPlan(NamedTuple):
@@ -186,6 +200,6 @@ def vit_plan(grid_thw, cfg) -> VitPlan:
         rope_pos=rotary_positions(grid, merge)[perm],
         rope_cos=cos,
         rope_sin=sin,
-        window=Segments(*segment_tables(cu_window, cfg.window_patches)),
-        full=Segments(*segment_tables(full_cu_seqlens(grid), full_len)),
+        window=segment_tables(cu_window, cfg.window_patches),
+        full=segment_tables(full_cu_seqlens(grid), full_len),
     )
