@@ -18,11 +18,13 @@ from lance_jax.models.lance import init_params
 from lance_jax.parity_cases import train_forward
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VISION_READY = False  # the ViT/VAE components arrive with their issue; until then the LM-only golden copy is used
+VISION_READY = True  # ViT included; the VAE component is added with its module
 
 
-def _reference_copy(golden, root, transform=None):
+def _reference_copy(golden, root, transform=None, with_vit=False):
     """A golden-layout copy whose model.safetensors is rewritten through `transform(dict) -> dict`."""
+    if with_vit:
+        shutil.copytree(os.path.join(golden.root, "vit"), os.path.join(root, "vit"))
     model = os.path.join(root, "model")
     shutil.copytree(golden.model_dir, model, ignore=shutil.ignore_patterns("*.safetensors"))
     tensors = {k: np.array(v) for k, v in read_tensors(os.path.join(golden.model_dir, "model.safetensors"))}
@@ -32,9 +34,9 @@ def _reference_copy(golden, root, transform=None):
     return root
 
 
-def _assert_same_files(a_dir, b_dir):
-    a = dict(read_tensors(os.path.join(a_dir, "model.safetensors")))
-    b = dict(read_tensors(os.path.join(b_dir, "model.safetensors")))
+def _assert_same_files(a_dir, b_dir, name="model.safetensors"):
+    a = dict(read_tensors(os.path.join(a_dir, name)))
+    b = dict(read_tensors(os.path.join(b_dir, name)))
     assert list(a) == list(b)
     for key in a:
         assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
@@ -51,6 +53,27 @@ def test_round_trip_is_bit_exact(golden, tmp_path, dtype):
     _assert_same_files(os.path.join(src, "model"), str(tmp_path / "back" / "model"))
     for name in ("llm_config.json", "lance_config.json", "vocab.json"):
         assert open(tmp_path / "back" / "model" / name).read() == open(os.path.join(src, "model", name)).read()
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_standalone_and_bundled_vit(golden, tmp_path, differ):
+    src = _reference_copy(golden, str(tmp_path / "src"), with_vit=True)
+    vit_file = os.path.join(src, "vit", "vit.safetensors")
+    if differ:  # the released video checkpoint's bundled ViT is reported to differ from the standalone one
+        t = {k: np.array(v) for k, v in read_tensors(vit_file)}
+        t["merger.ln_q.weight"] = t["merger.ln_q.weight"] + 1
+        write_safetensors(vit_file, t)
+    ckpt = str(tmp_path / "ckpt")
+    manifest = converter.to_jax(find_reference(src), ckpt, progress=False)
+    assert manifest["items"] == ["language_model", "glue", "vit"] + (["vit_bundled"] if differ else [])
+    vit = converter.restore_params(ckpt)["vit"]
+    stored = dict(read_tensors(vit_file))["merger.ln_q.weight"]
+    np.testing.assert_array_equal(vit["merger"]["ln_q"]["scale"], stored)  # the standalone set wins
+    written = converter.to_torch(ckpt, str(tmp_path / "back"), progress=False)
+    assert os.path.join("vit", "vit.safetensors") in written
+    _assert_same_files(os.path.join(src, "model"), str(tmp_path / "back" / "model"))
+    _assert_same_files(os.path.join(src, "vit"), str(tmp_path / "back" / "vit"), "vit.safetensors")
+    assert open(tmp_path / "back" / "vit" / "config.json").read() == open(os.path.join(src, "vit", "config.json")).read()
 
 
 def test_converted_checkpoint_runs_train_forward_parity(golden, tmp_path):

@@ -1,40 +1,155 @@
-"""The vision components of a conversion (ViT and VAE items), and their way back to the reference layout."""
+"""The vision components of a conversion: the ViT (standalone and/or bundled in the video checkpoint)
+and the VAE, as orbax items, and their way back to the reference layout.
+
+Released-checkpoint quirk (10-backbone §9.13): `Lance_3B_Video/model.safetensors` bundles `vit_model.*`
+tensors beside the standalone `Qwen2.5-VL-ViT/vit.safetensors`. By default the standalone weights
+win (`vit_source='standalone'`); when both exist and differ, the other set is kept as item
+`vit_bundled` so that `to_torch` still writes every original tensor back bit-exactly.
+"""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
+import tempfile
 
+import numpy as np
+
+from lance_jax.convert.keys import check_reference_keys
 from lance_jax.convert.lance_keys import VIT_PREFIX
+from lance_jax.convert.safetensors_io import st_dtype_name
+from lance_jax.convert.sources import TensorSource
+
+VIT_FILE = "vit.safetensors"
+
+
+def _vit_config(paths):
+    """VitConfig from the standalone folder, else from the model's llm_config.json `vision_config`."""
+    from lance_jax.models.vit import load_vit_config
+
+    if paths.vit and os.path.isfile(os.path.join(paths.vit, "config.json")):
+        return load_vit_config(paths.vit)
+    with open(os.path.join(paths.model, "llm_config.json")) as f:
+        vision = json.load(f).get("vision_config")
+    if not vision:
+        raise ValueError("the model bundles vit_model.* tensors but no ViT config was found "
+                         "(no Qwen2.5-VL-ViT/config.json and no vision_config in llm_config.json)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.json")
+        with open(path, "w") as f:
+            json.dump(vision, f)
+        return load_vit_config(path)
+
+
+def _vit_component(item: str, cfg, source: TensorSource, prefix: str):
+    from lance_jax.convert.converter import Component
+    from lance_jax.models.vit import vit_key_table, vit_param_shapes
+
+    rules, shapes = vit_key_table(cfg, prefix), vit_param_shapes(cfg)
+    header = {k: v for k, v in source.header().items() if k.startswith(prefix)}
+    check_reference_keys(header, rules, shapes)
+    return Component(item, rules, shapes, source)
+
+
+def _same_tensors(a: TensorSource, b: TensorSource, prefix_b: str) -> bool:
+    return all(np.array_equal(a.read(k).view(np.uint8), b.read(prefix_b + k).view(np.uint8))
+               and a.shape(k) == b.shape(prefix_b + k) for k in a.keys())
 
 
 @dataclasses.dataclass
 class Vision:
     components: list
+    reference_info: dict
+    files: dict  # role -> source folder of small files to copy
 
     def reference(self, tmp: str) -> dict:
-        return {}
+        from lance_jax.convert.converter import _copy_small_files
+
+        copied = {role: _copy_small_files(folder, os.path.join(tmp, "reference", role))
+                  for role, folder in self.files.items()}
+        return {**self.reference_info, "vision_files": copied}
 
 
-def vision_components(paths, model_source, vit_source: str) -> Vision:
-    """ViT and VAE components (none yet)."""
-    if any(k.startswith(VIT_PREFIX) for k in model_source.keys()) or paths.vit or paths.vae:
-        raise NotImplementedError("ViT and VAE conversion")
-    return Vision([])
+def vision_components(paths, model_source: TensorSource, vit_source: str = "standalone") -> Vision:
+    """ViT (and VAE) components of a conversion, strictly checked, and what to_torch needs to know."""
+    if vit_source not in ("standalone", "bundled"):
+        raise ValueError(f"vit_source {vit_source!r} not in ('standalone', 'bundled')")
+    comps, info, files = [], {}, {}
+    bundled = any(k.startswith(VIT_PREFIX) for k in model_source.keys())
+    standalone = paths.vit is not None and os.path.isfile(os.path.join(paths.vit, VIT_FILE))
+    if bundled or standalone:
+        cfg = _vit_config(paths)
+        options = {}
+        if standalone:
+            src = TensorSource([os.path.join(paths.vit, VIT_FILE)])
+            options["standalone"] = _vit_component("vit", cfg, src, "")
+            info.update(vit_name=os.path.basename(os.path.normpath(paths.vit)), vit_keys=src.keys(),
+                        vit_dtypes={k: st_dtype_name(src.dtype(k)) for k in src.keys()})
+            files["vit"] = paths.vit
+        if bundled:
+            options["bundled"] = _vit_component("vit", cfg, model_source, VIT_PREFIX)
+        chosen = vit_source if vit_source in options else next(iter(options))
+        comps.append(options[chosen])
+        info.update(vit_config=dataclasses.asdict(cfg), vit_standalone_item=None, vit_bundled_item=None)
+        info["vit_" + chosen + "_item"] = "vit"
+        if len(options) == 2:
+            other = "bundled" if chosen == "standalone" else "standalone"
+            if _same_tensors(options["standalone"].source, model_source, VIT_PREFIX):
+                info["vit_" + other + "_item"] = "vit"
+            else:  # keep both so that the way back is still bit-exact
+                extra = dataclasses.replace(options[other], item="vit_" + other)
+                comps.append(extra)
+                info["vit_" + other + "_item"] = extra.item
+    return Vision(comps, info, files)
 
 
 class VisionWriters:
-    def bundled_shape(self, key):
-        raise KeyError(key)
+    """The reference-layout side of the vision items of a converted checkpoint."""
 
-    def bundled_tensor(self, key):
-        raise KeyError(key)
+    def __init__(self, ckpt: str, manifest: dict):
+        self.ckpt, self.ref = ckpt, manifest["reference"]
+        self.vit_cfg = None
+        if self.ref.get("vit_config"):
+            from lance_jax.models.vit import VitConfig
 
-    def write(self, tmp: str, progress: bool) -> list[str]:
-        return []
+            raw = dict(self.ref["vit_config"])
+            raw["fullatt_block_indexes"] = tuple(raw["fullatt_block_indexes"])
+            self.vit_cfg = VitConfig(**raw)
 
+    def _vit_reader(self, item: str, prefix: str):
+        from lance_jax.convert.converter import ItemReader
+        from lance_jax.models.vit import vit_key_table
 
-def vision_writers(ckpt: str, manifest: dict, cast) -> VisionWriters:
-    return VisionWriters()
+        return ItemReader(self.ckpt, item, vit_key_table(self.vit_cfg, prefix))
+
+    def bundled_readers(self) -> list:
+        item = self.ref.get("vit_bundled_item")
+        return [self._vit_reader(item, VIT_PREFIX)] if item else []
+
+    def write(self, tmp: str, cast, progress: bool) -> list[str]:
+        from lance_jax.convert.converter import write_reference_file
+
+        written = []
+        item = self.ref.get("vit_standalone_item")
+        if item:
+            folder = os.path.join(tmp, self.ref["vit_name"])
+            os.makedirs(folder)
+            for name in self.ref["vision_files"].get("vit", []):
+                shutil.copy2(os.path.join(self.ckpt, "reference", "vit", name), folder)
+            write_reference_file(os.path.join(folder, VIT_FILE), self.ref["vit_keys"], [self._vit_reader(item, "")],
+                                 self.ref["vit_dtypes"], cast, progress)
+            written.append(os.path.join(self.ref["vit_name"], VIT_FILE))
+        return written
 
 
 def describe_reference(paths) -> dict:
-    return {}
+    """Per-component summary of the standalone vision files of a reference layout."""
+    out = {}
+    if paths.vit and os.path.isfile(os.path.join(paths.vit, VIT_FILE)):
+        src = TensorSource([os.path.join(paths.vit, VIT_FILE)])
+        entries = {k: (src.shape(k), src.dtype(k)) for k in src.keys()}
+        out["vit"] = dict(tensors=len(entries), parameters=int(sum(int(np.prod(s)) for s, _ in entries.values())),
+                          dtypes=sorted({str(d) for _, d in entries.values()}), files=src.files,
+                          keys={k: [list(s), str(d)] for k, (s, d) in entries.items()})
+    return out

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from lance_jax.config import ModelConfig, load_reference_config, model_config_from_dict
 from lance_jax.convert import orbax_io
-from lance_jax.convert.keys import KeyRule, _get, check_reference_keys
+from lance_jax.convert.keys import KeyRule, get_path, check_reference_keys
 from lance_jax.convert.lance_keys import DROPPED_KEYS, VIT_PREFIX, key_table, param_shapes
 from lance_jax.convert.safetensors_io import ST_DTYPES, st_dtype_name, write_safetensors_streaming
 from lance_jax.convert.sources import ReferencePaths, TensorSource, model_weight_files
@@ -61,7 +61,7 @@ class Component:
             leaf_dtype = dtype or self.source_dtype(rule.ref)
             if rule.path in leaves and leaves[rule.path][1] != leaf_dtype:
                 leaf_dtype = np.result_type(leaves[rule.path][1], leaf_dtype)
-            leaves[rule.path] = (tuple(_get(self.shapes, rule.path)), leaf_dtype)
+            leaves[rule.path] = (tuple(get_path(self.shapes, rule.path)), leaf_dtype)
             if rule.stacked:
                 sliced.add(rule.path)
         return leaves, sliced
@@ -209,8 +209,59 @@ def restore_params(ckpt: str, shardings: dict | None = None) -> dict:
     return out
 
 
-def _entries_for(keys, specs_of, dtypes, cast):
-    return [(k, specs_of[k], cast or np.dtype(ST_DTYPES[dtypes[k]])) for k in keys]
+class ItemReader:
+    """Reference tensors of one converted item, computed leaf slice by leaf slice through its rules."""
+
+    def __init__(self, ckpt: str, item: str, rules: list[KeyRule]):
+        self.directory = os.path.join(ckpt, item)
+        self.rules = {r.ref: r for r in rules}
+        self.specs = orbax_io.leaf_specs(self.directory)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rules
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        rule = self.rules[key]
+        shape = self.specs[rule.path][0]
+        return rule.ref_shape(shape[1:] if rule.stacked else shape)
+
+    def tensor(self, key: str) -> np.ndarray:
+        rule = self.rules[key]
+        return rule.to_ref(orbax_io.read_leaf(self.directory, rule.path, rule.layer if rule.stacked else None))
+
+
+def write_reference_file(path: str, keys: list[str], readers: list, dtypes: dict[str, str], cast, progress: bool,
+                         special: dict[str, Callable[[], np.ndarray]] | None = None) -> None:
+    """Stream `keys` (in this order) into one safetensors file, each from the reader that owns it."""
+    special = special or {}
+
+    def owner(key):
+        for reader in readers:
+            if key in reader:
+                return reader
+        raise KeyError(f"no converted item holds reference tensor {key}")
+
+    def shape(key):
+        return tuple(special[key]().shape) if key in special else owner(key).shape(key)
+
+    def dtype(key):
+        return cast or np.dtype(ST_DTYPES[dtypes[key]])
+
+    entries = [(k, shape(k), dtype(k)) for k in keys]
+    with tqdm(total=len(keys), desc=f"write {os.path.basename(path)}", disable=not progress, unit="tensor") as bar:
+        def produce(key):
+            value = special[key]() if key in special else owner(key).tensor(key)
+            bar.update()
+            return value.astype(dtype(key), copy=False)
+
+        write_safetensors_streaming(path, entries, produce)
+
+
+def lance_readers(ckpt: str, cfg: ModelConfig) -> list[ItemReader]:
+    rules = key_table(cfg)
+    lm = [dataclasses.replace(r, path=r.path[1:]) for r in rules if r.path[0] == "language_model"]
+    glue = [r for r in rules if r.path[0] != "language_model"]
+    return [ItemReader(ckpt, "language_model", lm), ItemReader(ckpt, "glue", glue)]
 
 
 def to_torch(ckpt: str, out: str, *, dtype: str = "keep", overwrite: bool = False, progress: bool = True) -> list[str]:
@@ -225,52 +276,20 @@ def to_torch(ckpt: str, out: str, *, dtype: str = "keep", overwrite: bool = Fals
     cfg = model_config_from_dict(manifest["model_config"])
     ref = manifest["reference"]
     cast = DTYPES[dtype]
-    rules = {r.ref: r for r in key_table(cfg)}
-    item_specs = {item: orbax_io.leaf_specs(os.path.join(ckpt, item)) for item in ("language_model", "glue")}
-    vision = extra.vision_writers(ckpt, manifest, cast)
-
-    def locate(key):
-        rule = rules[key]
-        item = "language_model" if rule.path[0] == "language_model" else "glue"
-        return item, rule.path[1:] if item == "language_model" else rule.path, rule
-
-    def ref_shape(key):
-        if key == LATENT_TABLE_KEY:
-            return tuple(ref["latent_table_shape"])
-        if key in rules:
-            item, path, rule = locate(key)
-            shape = item_specs[item][path][0]
-            return rule.ref_shape(shape[1:] if rule.stacked else shape)
-        return vision.bundled_shape(key)
-
-    def produce(key):
-        if key == LATENT_TABLE_KEY:
-            frames = ref["latent_table_shape"][0] // cfg.max_latent_size ** 2
-            value = latent_position_table(cfg, frames)
-        elif key in rules:
-            item, path, rule = locate(key)
-            value = rule.to_ref(orbax_io.read_leaf(os.path.join(ckpt, item), path, rule.layer if rule.stacked else None))
-        else:
-            value = vision.bundled_tensor(key)
-        return value.astype(cast or np.dtype(ST_DTYPES[ref["dtypes"][key]]), copy=False)
+    vision = extra.VisionWriters(ckpt, manifest)
+    special = {}
+    if ref["latent_table_shape"]:
+        frames = ref["latent_table_shape"][0] // cfg.max_latent_size ** 2
+        special[LATENT_TABLE_KEY] = lambda: latent_position_table(cfg, frames)
 
     def build(tmp: str) -> list[str]:
         model_dir = os.path.join(tmp, ref["model_name"])
         os.makedirs(model_dir)
         for name in ref["files"]["model"]:
             shutil.copy2(os.path.join(ckpt, "reference", "model", name), model_dir)
-        keys = ref["model_keys"]
-        entries = _entries_for(keys, {k: ref_shape(k) for k in keys}, ref["dtypes"], cast)
-        with tqdm(total=len(keys), desc="write model.safetensors", disable=not progress, unit="tensor") as bar:
-            def produce_and_count(key):
-                value = produce(key)
-                bar.update()
-                return value
-
-            write_safetensors_streaming(os.path.join(model_dir, "model.safetensors"), entries, produce_and_count)
-        written = [os.path.join(ref["model_name"], "model.safetensors")]
-        written += vision.write(tmp, progress)
-        return written
+        write_reference_file(os.path.join(model_dir, "model.safetensors"), ref["model_keys"],
+                             lance_readers(ckpt, cfg) + vision.bundled_readers(), ref["dtypes"], cast, progress, special)
+        return [os.path.join(ref["model_name"], "model.safetensors")] + vision.write(tmp, cast, progress)
 
     return _atomic_output(out, overwrite, build)
 

@@ -60,13 +60,13 @@ class CheckpointMismatchError(ValueError):
     """Raised once with every missing, unexpected and mis-shaped key listed."""
 
 
-def _get(tree, path):
+def get_path(tree, path):
     for p in path:
         tree = tree[p]
     return tree
 
 
-def _set(tree, path, value):
+def set_path(tree, path, value):
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
     tree[path[-1]] = value
@@ -80,7 +80,7 @@ def check_reference_keys(header: dict[str, dict], rules: list[KeyRule], shapes: 
         if rule.ref not in header:
             missing.append(rule.ref)
             continue
-        shape = _get(shapes, rule.path)
+        shape = get_path(shapes, rule.path)
         shape = shape[1:] if rule.stacked else shape
         want = rule.ref_shape(shape)
         got = tuple(header[rule.ref]["shape"])
@@ -102,23 +102,23 @@ def params_from_tensors(tensors: Iterable[tuple[str, np.ndarray]], rules: list[K
     params: dict = {}
     for key, tensor in tensors:
         rule = by_key[key]
-        full_shape = _get(shapes, rule.path)
+        full_shape = get_path(shapes, rule.path)
         if rule.stacked:
             try:
-                stacked = _get(params, rule.path)
+                stacked = get_path(params, rule.path)
             except KeyError:
                 stacked = np.zeros(full_shape, dtype)
-                _set(params, rule.path, stacked)
+                set_path(params, rule.path, stacked)
             stacked[rule.layer] = rule.to_param(tensor, full_shape[1:]).astype(dtype)
         else:
-            _set(params, rule.path, rule.to_param(tensor, full_shape).astype(dtype))
+            set_path(params, rule.path, rule.to_param(tensor, full_shape).astype(dtype))
     return params
 
 
 def tensors_from_params(params: dict, rules: list[KeyRule]) -> Iterator[tuple[str, np.ndarray]]:
     """The inverse direction: (reference key, array) for every rule, from a param tree."""
     for rule in rules:
-        leaf = np.asarray(_get(params, rule.path))
+        leaf = np.asarray(get_path(params, rule.path))
         if rule.stacked:
             leaf = leaf[rule.layer]
         yield rule.ref, rule.to_ref(leaf)

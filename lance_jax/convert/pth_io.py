@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import sys
 import zipfile
 
 import ml_dtypes
@@ -117,8 +118,8 @@ def read_pth(path: str) -> dict[str, np.ndarray]:
                 if blob_name not in names:
                     raise ValueError(f"{path}: storage blob {blob_name} missing")
                 blob = zf.read(blob_name)
-                arr = np.frombuffer(blob, dtype.newbyteorder("<" if byteorder == "little" else ">"))
-                storages[key] = arr.astype(dtype) if arr.dtype != dtype else arr
+                arr = np.frombuffer(blob, dtype, count=len(blob) // dtype.itemsize)
+                storages[key] = arr.byteswap() if byteorder != sys.byteorder and dtype.itemsize > 1 else arr
             arr = storages[key]
             if arr.size < numel:
                 raise ValueError(f"{path}: storage {key} has {arr.size} elements, pickle says {numel}")
