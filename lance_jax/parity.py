@@ -29,6 +29,7 @@ TOL_EXACT = 0.0
 TOL_MODULE = 1e-5  # embeddings and single-module outputs
 TOL_LLM = 2e-5  # LLM hidden states, logits, velocities and their per-token losses
 TOL_LOSS = 1e-5  # scalar losses (relative)
+TOL_TRAJECTORY = 5e-5  # multi-step sampling trajectories (x_steps, applied velocities with CFG renorm)
 
 
 @dataclasses.dataclass
@@ -59,7 +60,7 @@ def compare(case: str, name: str, ours, golden, tol: float) -> Row:
         return Row(case, name, 0.0, 0.0, tol, True)
     a, g = ours.astype(np.float64), golden.astype(np.float64)
     finite = np.isfinite(g)
-    same_nonfinite = np.array_equal(np.isfinite(a), finite) and np.array_equal(a[~finite], g[~finite])
+    same_nonfinite = np.array_equal(np.isfinite(a), finite) and np.array_equal(a[~finite], g[~finite], equal_nan=True)
     diff = np.abs(a[finite] - g[finite])
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(g[finite]).max()) if diff.size else 0.0
@@ -98,6 +99,11 @@ class Golden:
             with np.load(os.path.join(self.root, self.case_meta(case)["file"])) as z:
                 self._arrays[case] = {k: z[k] for k in z.files}
         return self._arrays[case]
+
+    def meta_lance_config(self) -> dict:
+        """model/lance_config.json (launch arguments, incl. the inference schedule of the golden run)."""
+        with open(os.path.join(self.model_dir, "lance_config.json")) as f:
+            return json.load(f)
 
     def model_config(self, **overrides):
         from lance_jax.config import load_reference_config

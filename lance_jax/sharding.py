@@ -43,6 +43,12 @@ LOGICAL_RULES: tuple[tuple[str, object], ...] = (
     ("patch_time", None),
     ("patch_row", None),
     ("patch_col", None),
+    # VAE convolutions (one name per kernel axis: flax rejects repeated names in a spec)
+    ("conv_time", None),
+    ("conv_row", None),
+    ("conv_col", None),
+    ("conv_in", None),
+    ("conv_out", None),
 )
 
 

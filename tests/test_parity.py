@@ -66,3 +66,9 @@ def test_compare_metric():
     inf = np.array([-np.inf, 1.0])
     assert parity.compare("c", "t", inf, inf, 0.0).passed
     assert not parity.compare("c", "t", np.array([0.0, 1.0]), inf, 1e-5).passed
+
+
+def test_nan_marks_must_match():
+    g = np.array([np.nan, 1.0])
+    assert parity.compare("c", "v", np.array([np.nan, 1.0]), g, 1e-5).passed
+    assert not parity.compare("c", "v", np.array([0.0, 1.0]), g, 1e-5).passed

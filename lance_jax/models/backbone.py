@@ -32,6 +32,36 @@ class Streams(NamedTuple):
     gen: jax.Array
 
 
+class KVCache(NamedTuple):
+    """Fixed-size key/value buffers of every layer plus the mask ints of the cached rows.
+
+    k, v: (NL, B, L, Nkv, Dh), stored post-norm and post-rotary; tokens: MaskTokens of (B, L), with
+    sample = -1 on rows not (yet) filled, so they are never attended; length: rows used so far (int32).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    tokens: MaskTokens
+    length: jax.Array
+
+    @staticmethod
+    def empty(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        ints = jnp.zeros((batch, max_len), jnp.int32)
+        tokens = MaskTokens(ints, ints - 1, ints - 1, ints)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), tokens, jnp.zeros((), jnp.int32))
+
+    def append(self, k_new, v_new, tokens: MaskTokens) -> "KVCache":
+        """Write a chunk's k/v (NL, B, q, Nkv, Dh) and mask ints (B, q) at rows [length, length + q)."""
+        at = self.length
+        k = jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype), (0, 0, at, 0, 0))
+        v = jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype), (0, 0, at, 0, 0))
+        toks = MaskTokens(*(jax.lax.dynamic_update_slice(old, new.astype(jnp.int32), (0, at))
+                            for old, new in zip(self.tokens, tokens)))
+        return KVCache(k, v, toks, at + k_new.shape[2])
+
+
 def _per_stream(cfg: ModelConfig, fn, x: Streams) -> Streams:
     """Apply `fn(suffix, array)` with the und weights to x.und and the gen weights to x.gen."""
     if cfg.dual_stream:
@@ -51,7 +81,9 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Streams, cos, sin, tokens: MaskTokens) -> Streams:
+    def __call__(self, x: Streams, cos, sin, tokens: MaskTokens, past_kv=None, past_tokens=None):
+        """Returns (output Streams, this chunk's (k, v) post-rotary). With `past_kv` = (k, v) of
+        (B, L, Nkv, Dh) and their mask ints, the queries also attend to those cached rows."""
         cfg = self.cfg
         dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         nh, nkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -75,8 +107,13 @@ class Attention(nn.Module):
         v = v.reshape(*v.shape[:2], nkv, dh)
         q = nn.with_logical_constraint(apply_rotary(q, cos, sin), ("activation_batch", "activation_length", "activation_heads", None))
         k = nn.with_logical_constraint(apply_rotary(k, cos, sin), ("activation_batch", "activation_length", "activation_kv_heads", None))
+        keys, values, key_tokens = k, v, tokens
+        if past_kv is not None:
+            keys = jnp.concatenate([past_kv[0].astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([past_kv[1].astype(v.dtype), v], axis=1)
+            key_tokens = MaskTokens(*(jnp.concatenate([a, b], axis=1) for a, b in zip(past_tokens, tokens)))
         out = attention(
-            q, k, v, tokens, tokens,
+            q, keys, values, tokens, key_tokens,
             impl=cfg.attention_impl,
             block_q=cfg.attention_block_size,
             block_k=cfg.attention_block_size,
@@ -89,20 +126,21 @@ class Attention(nn.Module):
             return dense(cfg.hidden_size, ("q_heads", "head_dim", "embed"), use_bias=False, axis=(-2, -1),
                          name="o_proj" + suffix, **kw)(h)
 
-        return _per_stream(cfg, o_proj, out)
+        return _per_stream(cfg, o_proj, out), (k, v)
 
 
 class DecoderLayer(nn.Module):
     """One MoT layer (10-backbone §2.4): pre-norm attention and SwiGLU MLP, each with per-stream weights.
 
-    Returns (x, None) so the layer is its own `nn.scan` body; the layer output is sown into
-    `intermediates/output` for parity runs (a no-op unless that collection is mutable).
+    Returns (x, kv) so the layer is its own `nn.scan` body: kv is this chunk's post-rotary (k, v) when a
+    cache is given (`past_kv`), else None. The layer output is sown into `intermediates/output` for
+    parity runs (a no-op unless that collection is mutable).
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Streams, cos, sin, tokens: MaskTokens):
+    def __call__(self, x: Streams, cos, sin, tokens: MaskTokens, past_kv=None, past_tokens=None):
         cfg = self.cfg
         pdt = _dtype(cfg.param_dtype)
 
@@ -110,7 +148,7 @@ class DecoderLayer(nn.Module):
             return lambda suffix, h: RMSNorm(cfg.rms_norm_eps, pdt, "norm", name=name + suffix)(h)
 
         h = _per_stream(cfg, norm("input_layernorm"), x)
-        a = Attention(cfg, name="self_attn")(h, cos, sin, tokens)
+        a, kv = Attention(cfg, name="self_attn")(h, cos, sin, tokens, past_kv, past_tokens)
         x = Streams(x.und + a.und, x.gen + a.gen)
         h = _per_stream(cfg, norm("post_attention_layernorm"), x)
 
@@ -121,7 +159,7 @@ class DecoderLayer(nn.Module):
         x = Streams(x.und + m.und, x.gen + m.gen)
         x = Streams(*(nn.with_logical_constraint(s, ("activation_batch", "activation_length", "activation_embed")) for s in x))
         self.sow("intermediates", "output", x)
-        return x, None
+        return x, (kv if past_kv is not None else None)
 
 
 _REMAT = {
@@ -154,7 +192,7 @@ class LanguageModel(nn.Module):
                 body,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg)
@@ -174,11 +212,28 @@ class LanguageModel(nn.Module):
         return self.lm_head(h).astype(jnp.float32)
 
     def __call__(self, x: Streams, cos, sin, tokens: MaskTokens) -> Streams:
+        x, _ = self._layers(x, cos, sin, tokens, None, None)
+        return self._final_norm(x)
+
+    def extend(self, x: Streams, cos, sin, tokens: MaskTokens, cache: KVCache, commit: bool):
+        """A chunk attending to the cache and to itself (mask predicate over both).
+
+        Returns (final-normed Streams, cache with the chunk's rows appended if `commit`, else unchanged).
+        """
+        x, (k, v) = self._layers(x, cos, sin, tokens, (cache.k, cache.v), cache.tokens)
+        return self._final_norm(x), (cache.append(k, v, tokens) if commit else cache)
+
+    def _layers(self, x, cos, sin, tokens, past_kv, past_tokens):
         if self.cfg.scan_layers:
-            x, _ = self.layers(x, cos, sin, tokens)
-        else:
-            for layer in self.layers:
-                x, _ = layer(x, cos, sin, tokens)
+            return self.layers(x, cos, sin, tokens, past_kv, past_tokens)
+        kvs = []
+        for i, layer in enumerate(self.layers):
+            layer_kv = None if past_kv is None else (past_kv[0][i], past_kv[1][i])
+            x, kv = layer(x, cos, sin, tokens, layer_kv, past_tokens)
+            kvs.append(kv)
+        return x, (None if past_kv is None else jax.tree.map(lambda *a: jnp.stack(a), *kvs))
+
+    def _final_norm(self, x: Streams) -> Streams:
         if self.cfg.dual_stream:
             return Streams(self.norm(x.und), self.norm_moe_gen(x.gen))
         return _per_stream(self.cfg, lambda _, h: self.norm(h), x)

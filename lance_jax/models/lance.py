@@ -18,7 +18,7 @@ from lance_jax.config import ModelConfig
 from lance_jax.layers.masking import MaskTokens
 from lance_jax.layers.linear import dense
 from lance_jax.layers.rotary import inv_frequencies, rotary_cos_sin
-from lance_jax.models.backbone import LanguageModel, Streams
+from lance_jax.models.backbone import KVCache, LanguageModel, Streams
 
 
 def shifted_timesteps(logits, shift: float):
@@ -130,6 +130,29 @@ class Lance(nn.Module):
         inv = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_bf16_inv_freq)
         return rotary_cos_sin(position_ids, inv, cfg.mrope_section, jnp.dtype(cfg.dtype))
 
+    def extend(self, batch: dict, cache: KVCache, *, latents=None, timesteps=None, commit: bool = True):
+        """Inference: one chunk (a stream batch) attending to `cache` and to itself.
+
+        latents (B, Cg, P) and timesteps (B, Cg) override the plan's clean latents / logits (the sampler's
+        current state). Returns (final-normed hidden Streams, input embedding Streams, cache).
+        """
+        x = batch["latents"] if latents is None else latents
+        t = chunk_timesteps(batch, self.cfg, timesteps)
+        und = self.und_embeddings(batch["und_ids"], batch["und_vit_slot"], batch.get("vit_embeds"))
+        gen = self.gen_embeddings(x.astype(jnp.float32), t, batch["latent_pos_ids"])[0]
+        tokens = MaskTokens(batch["order"], batch["sample"], batch["split"], batch["mode"])
+        cos, sin = self.rotary(batch["position_ids"])
+        hidden, cache = self.language_model.extend(Streams(und, gen), cos, sin, tokens, cache, commit)
+        return hidden, Streams(und, gen), cache
+
+    def velocity(self, hidden_gen):
+        """(B, Cg, H) gen hidden states -> (B, Cg, P) float32 velocities."""
+        return self.llm2vae(hidden_gen).astype(jnp.float32)
+
+    def logits(self, hidden_und):
+        """(B, K, H) -> (B, K, V) float32 (all rows; callers mask ids >= vocab_size_eff)."""
+        return self.language_model.logits(hidden_und)
+
     def __call__(self, batch: dict, *, noise=None):
         """Training forward. Returns a dict: losses, per-token terms and the intermediates parity reads.
 
@@ -175,6 +198,11 @@ class Lance(nn.Module):
             input_embeds=inputs,
             hidden=hidden,
         )
+
+
+def chunk_timesteps(batch: dict, cfg: ModelConfig, timesteps=None):
+    """Flow time of every gen row of an inference chunk: given (B, Cg), else from the plan's logits."""
+    return shifted_timesteps(batch["timestep_logits"], cfg.timestep_shift) if timesteps is None else timesteps
 
 
 def init_params(cfg: ModelConfig, rng, batch: dict):

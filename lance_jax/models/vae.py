@@ -4,7 +4,7 @@ Public functions take the reference layout at the boundary and work channel-last
 
     cfg = load_vae_config("…/vae_config.json")
     params = load_vae_params("…/Wan2.2_VAE.safetensors", cfg)          # or the torch .pth
-    mu, logvar = encode(params, video, cfg)        # video (B,3,T,H,W) in [-1,1] -> (B,48,t,h,w) each
+    mu, logvar, mu_raw = encode(params, video, cfg)  # video (B,3,T,H,W) in [-1,1] -> (B,48,t,h,w) each
     latent = sample_latent(mu, logvar, eps=…)      # (B,t,h,w,48), mu + exp(logvar/2)*eps (Lance samples)
     video = decode(params, latent, cfg)            # (B,t,h,w,48) -> (B,3,1+4(t-1),16h,16w), clamped
 
@@ -28,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lance_jax.convert.keys import KeyRule, check_reference_keys, params_from_tensors, tensors_from_params
+from lance_jax.convert.pth_io import read_pth
+from lance_jax.convert.safetensors_io import read_tensors, safetensors_header
 from lance_jax.models.vae_blocks import (
     AttentionBlock,
     CausalConv3d,
@@ -323,10 +326,10 @@ def _check_latent(latent, cfg: VaeConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# Streaming drivers (jitted; cfg / stream / clamp are static).
+# Streaming drivers (jitted; cfg and stream are static, clamp is traced).
 
 
-def _zero_cache(model, params, method, x_chunk, dtype=None):
+def _zero_cache(model, params, method, x_chunk):
     """A zero cache pytree with the structure the "next" mode produces for chunks shaped like x_chunk."""
     def run(p, x):
         return model.apply({"params": p}, x, "next", method=method, mutable=["cache"])[1]["cache"]
@@ -336,6 +339,14 @@ def _zero_cache(model, params, method, x_chunk, dtype=None):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "stream"))
+def _encode(params, video, cfg: VaeConfig, stream: bool):
+    """(N, 3, T, H, W) -> (mu, logvar, mu_raw), each (N, z_dim, t, h, w) fp32."""
+    out = _encode_raw(params, video, cfg, stream)
+    mu_raw, logvar = out[..., : cfg.z_dim], out[..., cfg.z_dim:]
+    mu = normalize_latent(mu_raw, cfg.dtype)
+    return tuple(jnp.moveaxis(a.astype(jnp.float32), -1, 1) for a in (mu, logvar, mu_raw))
+
+
 def _encode_raw(params, video, cfg: VaeConfig, stream: bool):
     """(N, 3, T, H, W) -> (N, t, h, w, 2*z_dim) raw conv1 output (mu | log_var)."""
     model = WanVAE(cfg)
@@ -366,15 +377,16 @@ def _encode_raw(params, video, cfg: VaeConfig, stream: bool):
     return jnp.concatenate([out0, jnp.moveaxis(outs, 0, 1)], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "stream", "clamp"))
-def _decode(params, latent, cfg: VaeConfig, stream: bool, clamp: bool):
-    """(N, t, h, w, z_dim) normalised latents -> (N, 3, 1+4(t-1), H, W) fp32."""
+@functools.partial(jax.jit, static_argnames=("cfg", "stream"))
+def _decode(params, latent, clamp, cfg: VaeConfig, stream: bool):
+    """(N, t, h, w, z_dim) normalised latents -> (N, 3, 1+4(t-1), H, W) fp32; `clamp` is a traced bool
+    (one compilation serves both)."""
     model = WanVAE(cfg)
     p = cfg.patch_size
 
     def finish(y):
         y = unpatchify(y, p).astype(jnp.float32)
-        return jnp.clip(y, -1.0, 1.0) if clamp else y
+        return jnp.where(clamp, jnp.clip(y, -1.0, 1.0), y)
 
     z = denormalize_latent(latent, cfg.dtype)
     if not stream:
@@ -423,16 +435,8 @@ def encode(params, video, cfg: VaeConfig, *, stream: bool = True) -> VaeEncoding
     a `lax.scan` with a cache carry); `stream=False` runs the whole clip at once (same maths)."""
     _check_video(video, cfg)
     batched = video.ndim == 5
-    out = _encode_raw(params, video if batched else video[None], cfg, stream)
-    z = cfg.z_dim
-    mu_raw, logvar = out[..., :z], out[..., z:]
-    mu = normalize_latent(mu_raw, cfg.dtype)
-
-    def ref_layout(a):
-        a = jnp.moveaxis(a.astype(jnp.float32), -1, 1)
-        return a if batched else a[0]
-
-    return VaeEncoding(ref_layout(mu), ref_layout(logvar), ref_layout(mu_raw))
+    outs = _encode(params, video if batched else video[None], cfg, stream)
+    return VaeEncoding(*(o if batched else o[0] for o in outs))
 
 
 def sample_latent(mu, logvar, eps=None, *, key=None):
@@ -461,15 +465,32 @@ def decode(params, latent, cfg: VaeConfig, *, clamp: bool = True, stream: bool =
     rest through a `lax.scan` with a cache carry); `stream=False` decodes the whole clip at once."""
     _check_latent(latent, cfg)
     batched = latent.ndim == 5
-    out = _decode(params, latent if batched else latent[None], cfg, stream, clamp)
+    out = _decode(params, latent if batched else latent[None], jnp.asarray(clamp, bool), cfg, stream)
     return out if batched else out[0]
 
 
-def init_vae_params(cfg: VaeConfig, rng, *, boxed: bool = False):
-    """Random params (lecun-normal kernels, zero biases, unit gammas); `boxed` keeps the logical axis names."""
-    x, z = _init_inputs(cfg)
-    params = WanVAE(cfg).init(rng, x, z)["params"]
+def init_vae_params(cfg: VaeConfig, seed: int = 0, *, boxed: bool = False):
+    """Random params for tests and benchmarks (the VAE itself is frozen and always loaded): kernels
+    N(0, 1/fan_in), zero biases, unit gammas, drawn with NumPy from `seed` on the host -- jitting
+    flax's init costs ~50 s of XLA compile on CPU for ~200 threefry draws. `boxed` keeps the logical
+    axis names (flax LogicallyPartitioned leaves)."""
+    rng = np.random.default_rng(seed)
+    dtype = jnp.dtype(cfg.param_dtype)
+
+    def draw(path, box):
+        shape, name = box.value.shape, path[-1].key
+        if name == "kernel":
+            value = rng.standard_normal(shape, np.float32) / np.sqrt(np.prod(shape[:-1]))
+        else:
+            value = np.ones(shape, np.float32) if name == "gamma" else np.zeros(shape, np.float32)
+        return box.replace_boxed(jnp.asarray(value, dtype))
+
+    params = jax.tree_util.tree_map_with_path(draw, vae_abstract_params(cfg), is_leaf=_is_box)
     return params if boxed else nn.unbox(params)
+
+
+def _is_box(x):
+    return isinstance(x, nn.LogicallyPartitioned)
 
 
 def _init_inputs(cfg: VaeConfig):
@@ -481,8 +502,156 @@ def _init_inputs(cfg: VaeConfig):
 
 def vae_abstract_params(cfg: VaeConfig):
     """Boxed abstract params (shapes, dtypes, logical axis names) without allocating anything."""
-    return jax.eval_shape(lambda r: init_vae_params(cfg, r, boxed=True), jax.random.PRNGKey(0))
+    x, z = _init_inputs(cfg)
+    return jax.eval_shape(lambda r: WanVAE(cfg).init(r, x, z)["params"], jax.random.PRNGKey(0))
 
 
 def vae_param_shapes(cfg: VaeConfig) -> dict:
     return jax.tree.map(lambda a: tuple(a.shape), nn.unbox(vae_abstract_params(cfg)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference state dict <-> params (§A.10-A.11).
+
+
+@dataclasses.dataclass(frozen=True)
+class VaeKeyRule(KeyRule):
+    """A KeyRule whose reference tensor carries `trailing_ones` extra singleton dims (gamma (C,1,1,1) <-
+    (C,), a 1x1x1 conv weight (O,I,1,1,1) <- kernel (I,O))."""
+
+    trailing_ones: int = 0
+
+    def ref_shape(self, param_shape):
+        return tuple(super().ref_shape(param_shape)) + (1,) * self.trailing_ones
+
+    def to_param(self, ref, param_shape):
+        ref = np.asarray(ref)
+        return super().to_param(ref.reshape(ref.shape[: ref.ndim - self.trailing_ones]), param_shape)
+
+    def to_ref(self, param):
+        return super().to_ref(param).reshape(self.ref_shape(param.shape))
+
+
+_RULE_KINDS = {
+    "conv3d": dict(perm=(2, 3, 4, 1, 0)),  # (O, I, kt, kh, kw) -> (kt, kh, kw, I, O)
+    "conv2d": dict(perm=(2, 3, 1, 0)),  # (O, I, kh, kw) -> (kh, kw, I, O)
+    "dense3d": dict(transpose=True, trailing_ones=3),  # (O, I, 1, 1, 1) -> (I, O)
+    "dense2d": dict(transpose=True, trailing_ones=2),  # (O, I, 1, 1) -> (I, O)
+    "gamma3d": dict(trailing_ones=3),  # (C, 1, 1, 1) -> (C,)
+    "gamma2d": dict(trailing_ones=2),  # (C, 1, 1) -> (C,)
+    "bias": dict(),
+}
+
+
+def param_path(ref_key: str) -> tuple[str, ...]:
+    """Reference key -> our param path: `name.<i>` becomes `name_<i>`, `weight` becomes `kernel`, e.g.
+    encoder.downsamples.1.downsamples.2.time_conv.weight -> encoder/downsamples_1/downsamples_2/time_conv/kernel."""
+    path: list[str] = []
+    for tok in ref_key.split("."):
+        if tok.isdigit():
+            path[-1] = f"{path[-1]}_{tok}"
+        else:
+            path.append(tok)
+    if path[-1] == "weight":
+        path[-1] = "kernel"
+    return tuple(path)
+
+
+def _reference_layout(cfg: VaeConfig) -> list[tuple[str, str]]:
+    """(reference key, kind) for every tensor of `WanVAE_` built with `cfg`, in module order."""
+    out: list[tuple[str, str]] = []
+
+    def conv(prefix, kind="conv3d"):
+        out.extend([(f"{prefix}.weight", kind), (f"{prefix}.bias", "bias")])
+
+    def residual(prefix, cin, cout):
+        out.append((f"{prefix}.residual.0.gamma", "gamma3d"))
+        conv(f"{prefix}.residual.2")
+        out.append((f"{prefix}.residual.3.gamma", "gamma3d"))
+        conv(f"{prefix}.residual.6")
+        if cin != cout:
+            conv(f"{prefix}.shortcut", "dense3d")
+
+    def middle(prefix, c):
+        residual(f"{prefix}.middle.0", c, c)
+        out.append((f"{prefix}.middle.1.norm.gamma", "gamma2d"))
+        conv(f"{prefix}.middle.1.to_qkv", "dense2d")
+        conv(f"{prefix}.middle.1.proj", "dense2d")
+        residual(f"{prefix}.middle.2", c, c)
+
+    def head(prefix):
+        out.append((f"{prefix}.head.0.gamma", "gamma3d"))
+        conv(f"{prefix}.head.2")
+
+    n_stages, nres = len(cfg.dim_mult), cfg.num_res_blocks
+    dims = cfg.encoder_dims
+    conv("encoder.conv1")
+    for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        stage = f"encoder.downsamples.{i}.downsamples"
+        for j in range(nres):
+            residual(f"{stage}.{j}", cin if j == 0 else cout, cout)
+        if i != n_stages - 1:
+            conv(f"{stage}.{nres}.resample.1", "conv2d")
+            if i < len(cfg.temperal_downsample) and cfg.temperal_downsample[i]:
+                conv(f"{stage}.{nres}.time_conv")
+    middle("encoder", dims[-1])
+    head("encoder")
+    conv("conv1", "dense3d")
+    conv("conv2", "dense3d")
+    dims = cfg.decoder_dims
+    conv("decoder.conv1")
+    middle("decoder", dims[0])
+    for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        stage = f"decoder.upsamples.{i}.upsamples"
+        for j in range(nres + 1):
+            residual(f"{stage}.{j}", cin if j == 0 else cout, cout)
+        if i != n_stages - 1:
+            if i < len(cfg.temperal_upsample) and cfg.temperal_upsample[i]:
+                conv(f"{stage}.{nres + 1}.time_conv")
+            conv(f"{stage}.{nres + 1}.resample.1", "conv2d")
+    head("decoder")
+    return out
+
+
+def vae_key_table(cfg: VaeConfig) -> list[KeyRule]:
+    """One rule per tensor of the reference `Wan2.2_VAE.pth` (196 for the released structure)."""
+    return [VaeKeyRule(ref, param_path(ref), **_RULE_KINDS[kind]) for ref, kind in _reference_layout(cfg)]
+
+
+def read_vae_checkpoint(path: str) -> tuple[dict[str, dict], Any]:
+    """(header {key: {'shape'}}, iterator factory of (key, array)) for a .safetensors or torch .pth file."""
+    if path.endswith(".safetensors"):
+        header = safetensors_header(path)
+        return header, lambda keys: read_tensors(path, keys)
+    tensors = read_pth(path)
+    header = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()}
+    return header, lambda keys: ((k, tensors[k]) for k in keys)
+
+
+def _find_checkpoint(path: str) -> str:
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) or \
+            sorted(f for f in os.listdir(path) if f.endswith(".pth"))
+        if len(found) != 1:
+            raise FileNotFoundError(f"{path}: expected exactly one VAE .safetensors (or .pth) file, found {found}")
+        path = os.path.join(path, found[0])
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found")
+    return path
+
+
+def load_vae_params(path: str, cfg: VaeConfig) -> dict:
+    """Strictly load a reference VAE checkpoint (.safetensors, or the torch .pth through the safe reader;
+    a folder holding one of them) into our param tree of NumPy arrays in cfg.param_dtype. Every missing,
+    unexpected or mis-shaped key is reported in one CheckpointMismatchError."""
+    path = _find_checkpoint(path)
+    rules = vae_key_table(cfg)
+    shapes = vae_param_shapes(cfg)
+    header, tensors = read_vae_checkpoint(path)
+    check_reference_keys(header, rules, shapes)
+    return params_from_tensors(tensors([r.ref for r in rules]), rules, shapes, jnp.dtype(cfg.param_dtype))
+
+
+def vae_reference_tensors(params: dict, cfg: VaeConfig):
+    """Inverse direction: (reference key, array in the PyTorch layout) for every tensor."""
+    return tensors_from_params(params, vae_key_table(cfg))

@@ -31,10 +31,13 @@ import jax.numpy as jnp
 MODES = ("whole", "first", "next")
 
 CONV_INIT = nn.initializers.lecun_normal()
-WINDOW_AXIS = "conv_window"  # kernel window dims (t, h, w); never sharded
+WINDOW_AXES = ("conv_time", "conv_row", "conv_col")  # kernel window dims (t, h, w); never sharded
 IN_AXIS = "conv_in"
 OUT_AXIS = "conv_out"
 NORM_AXIS = "norm"
+# Logical names the VAE params use beyond sharding.LOGICAL_RULES (proposed: replicated; the VAE is
+# 1.4 GB in bf16 and its cost is activations, which shard over batch / space instead).
+VAE_LOGICAL_RULES = tuple((name, None) for name in WINDOW_AXES + (IN_AXIS, OUT_AXIS))
 
 _DN3 = ("NDHWC", "DHWIO", "NDHWC")
 _DN2 = ("NHWC", "HWIO", "NHWC")
@@ -99,7 +102,7 @@ class Conv2d(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.with_logical_partitioning(CONV_INIT, (WINDOW_AXIS,) * 2 + (IN_AXIS, OUT_AXIS)),
+        kernel = self.param("kernel", nn.with_logical_partitioning(CONV_INIT, WINDOW_AXES[1:] + (IN_AXIS, OUT_AXIS)),
                             (3, 3, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (OUT_AXIS,)), (self.features,),
                           self.param_dtype)
@@ -130,7 +133,7 @@ class CausalConv3d(nn.Module):
     def __call__(self, x, mode: str = "whole"):
         _check_mode(mode)
         kt, kh, kw = self.kernel_size
-        kernel = self.param("kernel", nn.with_logical_partitioning(CONV_INIT, (WINDOW_AXIS,) * 3 + (IN_AXIS, OUT_AXIS)),
+        kernel = self.param("kernel", nn.with_logical_partitioning(CONV_INIT, WINDOW_AXES + (IN_AXIS, OUT_AXIS)),
                             (kt, kh, kw, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (OUT_AXIS,)), (self.features,),
                           self.param_dtype)
