@@ -194,3 +194,16 @@ def plan_understanding(layout: SampleLayout, cfg: ModelConfig, max_new_tokens: i
     decode_positions = rope[:, n - 1: n - 1 + max_new_tokens]
     return UnderstandingPlan(batch, int(ids[-1]), decode_positions, n - 1, int(keep.sum()),
                              dict(prefill_pos=rope[:, : n - 1], vit_token_indexes=vit_idx))
+
+
+def understanding_layout(input_ids, split_lens, attn_modes, grids, cfg: ModelConfig) -> SampleLayout:
+    """Layout of an x2t sample from its ids alone: every vision block is a ViT block (modality 4, incl. its
+    start/end tokens), all other tokens are template/question text (-1). Splits are cut to len(input_ids)."""
+    ids = np.asarray(input_ids, np.int64)
+    modality = np.full(len(ids), P.MODALITY_SYSTEM, np.int64)
+    inside = np.cumsum((ids == cfg.vision_start_token_id).astype(int) - np.r_[0, (ids == cfg.vision_end_token_id)[:-1]])
+    modality[inside > 0] = P.MODALITY_REF_VIT
+    ends = np.minimum(np.cumsum(split_lens), len(ids))
+    lens = np.diff(np.r_[0, ends])
+    keep = lens > 0
+    return SampleLayout(ids, modality, lens[keep], [m for m, k in zip(attn_modes, keep) if k], grids)

@@ -97,7 +97,8 @@ class Attention(nn.Module):
             if qk_norm[suffix]:
                 q = RMSNorm(cfg.rms_norm_eps, pdt, "head_dim", name="q_norm" + suffix)(q)
                 k = RMSNorm(cfg.rms_norm_eps, pdt, "head_dim", name="k_norm" + suffix)(k)
-            return jnp.concatenate([q.reshape(*q.shape[:2], -1), k.reshape(*k.shape[:2], -1), v.reshape(*v.shape[:2], -1)], -1)
+            flat = lambda a, heads: a.reshape(*a.shape[:2], heads * dh)  # noqa: E731  (explicit: streams may be empty)
+            return jnp.concatenate([flat(q, nh), flat(k, nkv), flat(v, nkv)], -1)
 
         qkv = _per_stream(cfg, project, x)
         qkv = jnp.concatenate([qkv.und, qkv.gen], axis=1)
