@@ -18,19 +18,20 @@ from lance_jax.models.lance import init_params
 from lance_jax.parity_cases import train_forward
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VISION_READY = True  # ViT included; the VAE component is added with its module
 
 
-def _reference_copy(golden, root, transform=None, with_vit=False):
-    """A golden-layout copy whose model.safetensors is rewritten through `transform(dict) -> dict`."""
-    if with_vit:
-        shutil.copytree(os.path.join(golden.root, "vit"), os.path.join(root, "vit"))
-    model = os.path.join(root, "model")
-    shutil.copytree(golden.model_dir, model, ignore=shutil.ignore_patterns("*.safetensors"))
-    tensors = {k: np.array(v) for k, v in read_tensors(os.path.join(golden.model_dir, "model.safetensors"))}
-    if not VISION_READY:
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("vit_model.")}
-    write_safetensors(os.path.join(model, "model.safetensors"), transform(tensors) if transform else tensors)
+def _reference_copy(golden, root, transform=None, with_vit=True, with_vae=True):
+    """A golden-layout copy; `transform(part, tensors) -> tensors` rewrites model/vit/vae safetensors."""
+    parts = ["model"] + (["vit"] if with_vit else []) + (["vae"] if with_vae else [])
+    for part in parts:
+        shutil.copytree(os.path.join(golden.root, part), os.path.join(root, part),
+                        ignore=shutil.ignore_patterns("*.safetensors", "*.pth"))
+        for name in os.listdir(os.path.join(golden.root, part)):
+            if name.endswith(".safetensors"):
+                tensors = {k: np.array(v) for k, v in read_tensors(os.path.join(golden.root, part, name))}
+                if transform:
+                    tensors = transform(part, tensors)
+                write_safetensors(os.path.join(root, part, name), tensors)
     return root
 
 
@@ -43,21 +44,29 @@ def _assert_same_files(a_dir, b_dir, name="model.safetensors"):
         assert np.array_equal(a[key].view(np.uint8), b[key].view(np.uint8)), key  # bit-exact, NaN-safe
 
 
+def _vae_file(root):
+    return next(os.path.join(root, "vae", n) for n in os.listdir(os.path.join(root, "vae")) if n.endswith(".safetensors"))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_round_trip_is_bit_exact(golden, tmp_path, dtype):
-    cast = (lambda t: {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}) if dtype == "bfloat16" else None
+    cast = (lambda part, t: {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}) if dtype == "bfloat16" else None
     src = _reference_copy(golden, str(tmp_path / "src"), cast)
-    converter.to_jax(find_reference(src), str(tmp_path / "ckpt"), progress=False)
+    manifest = converter.to_jax(find_reference(src), str(tmp_path / "ckpt"), progress=False)
+    assert manifest["items"] == ["language_model", "glue", "vit", "vae"]
     written = converter.to_torch(str(tmp_path / "ckpt"), str(tmp_path / "back"), progress=False)
-    assert written[0] == os.path.join("model", "model.safetensors")
+    vae_rel = os.path.relpath(_vae_file(src), src)
+    assert written == [os.path.join("model", "model.safetensors"), os.path.join("vit", "vit.safetensors"), vae_rel]
     _assert_same_files(os.path.join(src, "model"), str(tmp_path / "back" / "model"))
+    _assert_same_files(os.path.join(src, "vit"), str(tmp_path / "back" / "vit"), "vit.safetensors")
+    _assert_same_files(os.path.join(src, "vae"), str(tmp_path / "back" / "vae"), os.path.basename(vae_rel))
     for name in ("llm_config.json", "lance_config.json", "vocab.json"):
         assert open(tmp_path / "back" / "model" / name).read() == open(os.path.join(src, "model", name)).read()
 
 
 @pytest.mark.parametrize("differ", [False, True])
 def test_standalone_and_bundled_vit(golden, tmp_path, differ):
-    src = _reference_copy(golden, str(tmp_path / "src"), with_vit=True)
+    src = _reference_copy(golden, str(tmp_path / "src"), with_vae=False)
     vit_file = os.path.join(src, "vit", "vit.safetensors")
     if differ:  # the released video checkpoint's bundled ViT is reported to differ from the standalone one
         t = {k: np.array(v) for k, v in read_tensors(vit_file)}
@@ -136,8 +145,9 @@ def test_dtype_cast_and_sharded_source_and_ema(golden, tmp_path):
 
 
 def test_tied_lm_head_option(golden, golden_cfg, tmp_path):
-    def untie(t):
-        t.pop("language_model.lm_head.weight")
+    def untie(part, t):
+        if part == "model":
+            t.pop("language_model.lm_head.weight")
         return t
     src = _reference_copy(golden, str(tmp_path / "src"), untie)
     with pytest.raises(CheckpointMismatchError, match="(?s)1 missing key.*lm_head"):
@@ -166,9 +176,40 @@ def test_bad_inputs_leave_nothing_behind(golden, tmp_path):
     assert not os.path.exists(out) and not os.path.exists(out + ".partial")
     with pytest.raises(FileNotFoundError, match="--vae"):
         find_reference(src, vae=str(tmp_path / "missing.pth"))
+    json.dump(cfg, open(cfg_path, "w"))
+    vae = _vae_file(src)
+    blob = open(vae, "rb").read()
+    open(vae, "wb").write(blob[:-100])  # a truncated VAE download
+    with pytest.raises(ValueError, match="truncated"):
+        converter.to_jax(find_reference(src), out, progress=False)
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+    open(vae, "wb").write(blob)
     os.makedirs(out)
     with pytest.raises(FileExistsError, match="--overwrite"):
         converter.to_jax(find_reference(src), out, progress=False)
+
+
+def test_vae_from_pth(golden, tmp_path):
+    """The VAE as released (.pth, read without torch) converts to the same params as its safetensors copy."""
+    from lance_jax.convert.pth_io import read_pth
+
+    src = _reference_copy(golden, str(tmp_path / "src"), with_vit=False)
+    pth = next(os.path.join(golden.root, "vae", n) for n in os.listdir(os.path.join(golden.root, "vae"))
+               if n.endswith(".pth"))
+    os.remove(_vae_file(src))
+    shutil.copy(pth, os.path.join(src, "vae"))
+    ckpt = str(tmp_path / "ckpt")
+    converter.to_jax(find_reference(src), ckpt, progress=False)
+    from_pth = converter.restore_params(ckpt)["vae"]
+    ref = _reference_copy(golden, str(tmp_path / "ref"), with_vit=False)
+    converter.to_jax(find_reference(ref), str(tmp_path / "ckpt2"), progress=False)
+    from_st = converter.restore_params(str(tmp_path / "ckpt2"))["vae"]
+    assert jax.tree.all(jax.tree.map(np.array_equal, from_pth, from_st))
+    pytest.importorskip("torch", reason="writing .pth uses the optional torch extra")
+    converter.to_torch(ckpt, str(tmp_path / "back"), progress=False)
+    back = read_pth(os.path.join(tmp_path / "back" / "vae", os.path.basename(pth)))
+    orig = read_pth(pth)
+    assert list(back) == list(orig) and all(np.array_equal(back[k], orig[k]) for k in orig)
 
 
 def test_cli_inspect_and_errors(golden, tmp_path):
@@ -178,7 +219,7 @@ def test_cli_inspect_and_errors(golden, tmp_path):
     res = run("to-jax", "--src", src, "--out", str(tmp_path / "ckpt"), "--no-progress")
     assert res.returncode == 0, res.stderr
     res = run("inspect", str(tmp_path / "ckpt"))
-    assert res.returncode == 0 and "language_model" in res.stdout and "glue" in res.stdout
+    assert res.returncode == 0 and all(item in res.stdout for item in ("language_model", "glue", "vit", "vae"))
     res = run("inspect", src)
     assert res.returncode == 0 and "golden layout" in res.stdout
     res = run("to-jax", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))

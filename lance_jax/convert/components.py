@@ -19,7 +19,7 @@ import numpy as np
 from lance_jax.convert.keys import check_reference_keys
 from lance_jax.convert.lance_keys import VIT_PREFIX
 from lance_jax.convert.safetensors_io import st_dtype_name
-from lance_jax.convert.sources import TensorSource
+from lance_jax.convert.sources import TensorSource, open_weights
 
 VIT_FILE = "vit.safetensors"
 
@@ -101,7 +101,30 @@ def vision_components(paths, model_source: TensorSource, vit_source: str = "stan
                 extra = dataclasses.replace(options[other], item="vit_" + other)
                 comps.append(extra)
                 info["vit_" + other + "_item"] = extra.item
+    if paths.vae is not None:
+        comp, vae_info, vae_files = _vae_component(paths)
+        comps.append(comp)
+        info.update(vae_info)
+        files.update(vae_files)
     return Vision(comps, info, files)
+
+
+def _vae_component(paths):
+    """The VAE item: `vae_config.json` beside the weights (golden layout) or the released constants."""
+    from lance_jax.convert.converter import Component
+    from lance_jax.models.vae import VaeConfig, load_vae_config, vae_key_table, vae_param_shapes
+
+    folder = os.path.dirname(os.path.abspath(paths.vae))
+    has_config = os.path.isfile(os.path.join(folder, "vae_config.json"))
+    cfg = load_vae_config(folder) if has_config else VaeConfig()
+    source = open_weights(paths.vae)
+    rules, shapes = vae_key_table(cfg), vae_param_shapes(cfg)
+    check_reference_keys(source.header(), rules, shapes)
+    relpath = os.path.join(os.path.basename(folder), os.path.basename(paths.vae)) if has_config else \
+        os.path.basename(paths.vae)
+    info = dict(vae_path=relpath, vae_keys=source.keys(), vae_config=dataclasses.asdict(cfg),
+                vae_dtypes={k: st_dtype_name(source.dtype(k)) for k in source.keys()})
+    return Component("vae", rules, shapes, source), info, ({"vae": folder} if has_config else {})
 
 
 class VisionWriters:
@@ -140,16 +163,43 @@ class VisionWriters:
             write_reference_file(os.path.join(folder, VIT_FILE), self.ref["vit_keys"], [self._vit_reader(item, "")],
                                  self.ref["vit_dtypes"], cast, progress)
             written.append(os.path.join(self.ref["vit_name"], VIT_FILE))
+        if self.ref.get("vae_path"):
+            written.append(self._write_vae(tmp, cast, progress))
         return written
+
+    def _write_vae(self, tmp: str, cast, progress: bool) -> str:
+        from lance_jax.convert.converter import ItemReader, write_reference_file
+        from lance_jax.convert.pth_io import write_pth
+        from lance_jax.convert.safetensors_io import ST_DTYPES
+        from lance_jax.models.vae import VaeConfig, vae_key_table
+
+        raw = dict(self.ref["vae_config"])
+        cfg = VaeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        reader = ItemReader(self.ckpt, "vae", vae_key_table(cfg))
+        path = os.path.join(tmp, self.ref["vae_path"])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        for name in self.ref["vision_files"].get("vae", []):
+            shutil.copy2(os.path.join(self.ckpt, "reference", "vae", name), os.path.dirname(path))
+        keys, dtypes = self.ref["vae_keys"], self.ref["vae_dtypes"]
+        if path.endswith((".pth", ".pt")):  # torch.save needs every tensor at once; the VAE is small
+            write_pth(path, {k: reader.tensor(k).astype(cast or np.dtype(ST_DTYPES[dtypes[k]]), copy=False)
+                             for k in keys})
+        else:
+            write_reference_file(path, keys, [reader], dtypes, cast, progress)
+        return self.ref["vae_path"]
 
 
 def describe_reference(paths) -> dict:
     """Per-component summary of the standalone vision files of a reference layout."""
     out = {}
+    sources = {}
     if paths.vit and os.path.isfile(os.path.join(paths.vit, VIT_FILE)):
-        src = TensorSource([os.path.join(paths.vit, VIT_FILE)])
+        sources["vit"] = TensorSource([os.path.join(paths.vit, VIT_FILE)])
+    if paths.vae:
+        sources["vae"] = open_weights(paths.vae)
+    for name, src in sources.items():
         entries = {k: (src.shape(k), src.dtype(k)) for k in src.keys()}
-        out["vit"] = dict(tensors=len(entries), parameters=int(sum(int(np.prod(s)) for s, _ in entries.values())),
-                          dtypes=sorted({str(d) for _, d in entries.values()}), files=src.files,
-                          keys={k: [list(s), str(d)] for k, (s, d) in entries.items()})
+        out[name] = dict(tensors=len(entries), parameters=int(sum(int(np.prod(s)) for s, _ in entries.values())),
+                         dtypes=sorted({str(d) for _, d in entries.values()}), files=src.files,
+                         keys={k: [list(s), str(d)] for k, (s, d) in entries.items()})
     return out

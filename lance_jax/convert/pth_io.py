@@ -12,6 +12,7 @@ importable), and raises `UnsafePickleError` for every other global, so a malicio
 from __future__ import annotations
 
 import collections
+import os
 import io
 import pickle
 import sys
@@ -131,3 +132,27 @@ def read_pth(path: str) -> dict[str, np.ndarray]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()):
         raise ValueError(f"{path}: not a flat state dict of tensors")
     return dict(obj)
+
+
+def write_pth(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """Write a flat state dict with `torch.save` (the reference loader's format). Needs the optional
+    torch extra; written to `path + '.tmp'` and renamed, so a failure leaves no partial file."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("writing a .pth needs PyTorch: pip install 'lance-jax[torch]' "
+                          "(or convert the VAE to .safetensors)") from None
+    state = collections.OrderedDict()
+    for key, value in tensors.items():
+        value = np.ascontiguousarray(value)
+        if value.dtype == ml_dtypes.bfloat16:
+            state[key] = torch.from_numpy(value.view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            state[key] = torch.from_numpy(value.copy())
+    tmp = path + ".tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from lance_jax.convert.safetensors_io import ST_DTYPES, read_tensors, safetensors_header
+from lance_jax.convert.safetensors_io import st_dtype_name as st_name
 
 RELEASED_VIT_DIR = "Qwen2.5-VL-ViT"
 RELEASED_VAE_FILE = "Wan2.2_VAE.pth"
@@ -97,6 +98,33 @@ class TensorSource:
         if key not in self._where:
             raise KeyError(f"tensor {key} not found in {self.files}")
         return next(read_tensors(self._where[key], [key]))[1]
+
+
+class PthSource(TensorSource):
+    """The tensors of a torch zip checkpoint (`.pth`), read with the restricted unpickler (no torch).
+
+    The archive's storages are read up front: a `.pth` has no lazy layout (the VAE is ~0.7 B params).
+    """
+
+    def __init__(self, path: str):
+        from lance_jax.convert.pth_io import read_pth
+
+        self.files = [path]
+        self._tensors = read_pth(path)
+        self._where = {k: path for k in self._tensors}
+        self._info = {k: {"shape": list(v.shape), "dtype": st_name(v.dtype)} for k, v in self._tensors.items()}
+
+    def read(self, key: str) -> np.ndarray:
+        if key not in self._tensors:
+            raise KeyError(f"tensor {key} not found in {self.files[0]}")
+        return self._tensors[key]
+
+
+def open_weights(path: str) -> TensorSource:
+    """A lazy tensor source for a `.safetensors` or `.pth` file."""
+    if path.endswith(".pth") or path.endswith(".pt"):
+        return PthSource(path)
+    return TensorSource([path])
 
 
 def model_weight_files(model_dir: str, prefer: str = "model") -> list[str]:
