@@ -42,12 +42,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lance_jax.config import ModelConfig  # noqa: E402
-from lance_jax.layers.attention import MaskTokens, attention, mask_tokens_from_splits  # noqa: E402
+from lance_jax.layers.attention import attention  # noqa: E402
+from lance_jax.layers.masking import MaskTokens, mask_tokens_from_splits  # noqa: E402
 from lance_jax.layers.linear import dense  # noqa: E402
 from lance_jax.layers.mlp import MLP  # noqa: E402
 from lance_jax.layers.norms import RMSNorm  # noqa: E402
 from lance_jax.layers.rotary import apply_rotary, inv_frequencies, rotary_cos_sin  # noqa: E402
-from lance_jax.models.backbone import GEN, DecoderLayer, Streams, _per_stream  # noqa: E402
+from lance_jax.models.backbone import DecoderLayer, Streams, _per_stream  # noqa: E402
 
 GOAL = 1.15
 INFO_FRACTIONS = (0.1, 0.9)
@@ -161,6 +162,7 @@ class Case:
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - t0
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # process CPU seconds (all threads) per call
         try:
             ca = self.compiled.cost_analysis()
             ca = ca[0] if isinstance(ca, (list, tuple)) else ca
@@ -170,11 +172,16 @@ class Case:
             self.flops = self.bytes = float("nan")
 
     def run_once(self) -> float:
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         jax.block_until_ready(self.compiled(*self.args))
         dt = time.perf_counter() - t0
         self.times.append(dt)
+        self.cpu_times.append(time.process_time() - c0)
         return dt
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_times)
 
     @property
     def median(self) -> float:
@@ -363,10 +370,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-info", action="store_true", help="skip the gen-fraction 0.1 / 0.9 informational runs")
     p.add_argument("--breakdown", action="store_true", help="also time the layer's sub-parts (dual vs single)")
+    p.add_argument("--verbose", action="store_true", help="print every repeat's time (to judge machine noise)")
     p.add_argument("--out", default=None, help="append a dated markdown entry to this file")
     args = p.parse_args(argv)
 
     info = machine_info()
+    load_before = os.getloadavg()
     print(f"machine: {info}", flush=True)
     print(f"config: {vars(args)}", flush=True)
     cfg_d, cfg_s = layer_config(args, True), layer_config(args, False)
@@ -388,29 +397,50 @@ def main(argv=None):
         print(f"compiled dual (gen {f}: und {n_und}, gen {n_gen}) in {duals[f].compile_s:.1f}s", flush=True)
 
     main_dual = duals[args.gen_fraction]
+    # each dual is compared with the single-stream runs interleaved with it
+    base = {}
     time_interleaved([main_dual, single], args.warmup, args.repeats)
+    base[args.gen_fraction] = (single.median, single.min, list(single.times), single.cpu_median)
+    main_single = (list(single.times), list(single.cpu_times))
     for f in fractions[1:]:
+        single.times, single.cpu_times = [], []
         time_interleaved([duals[f], single], args.warmup, max(3, args.repeats // 2))
+        base[f] = (single.median, single.min, list(single.times), single.cpu_median)
+    single.times, single.cpu_times = main_single
 
+    def paired(f):  # median over rounds of dual_i / single_i (adjacent runs): robust to slow drift
+        return statistics.median(d / s for d, s in zip(duals[f].times, base[f][2]))
+
+    if args.verbose:
+        for c in [single] + [duals[f] for f in fractions]:
+            print(f"{c.name:12s} ms: {[round(t * 1e3, 1) for t in c.times]}")
+        print("(single's times above are those interleaved with the main dual run)")
+
+    load_after = os.getloadavg()
     n_params_d = sum(a.size for a in jax.tree.leaves(main_dual.params))
     n_params_s = sum(a.size for a in jax.tree.leaves(single.params))
     ratio_med = main_dual.median / single.median
     ratio_min = main_dual.min / single.min
+    ratio_pair = paired(args.gen_fraction)
+    ratio_cpu = main_dual.cpu_median / single.cpu_median
     verdict = "PASS" if ratio_med <= GOAL else "ABOVE GOAL"
 
     lines = []
-    lines.append(f"| layer | gen fraction (und/gen tokens) | compile s | median ms | min ms | ratio dual/single (median, min) | XLA GFLOP |")
-    lines.append("|---|---|---|---|---|---|---|")
-    lines.append(f"| single-stream | - ({args.tokens}/0) | {single.compile_s:.1f} | {ms(single.median)} | {ms(single.min)} | 1 | {gflop(single.flops)} |")
+    lines.append("| layer | gen fraction (und/gen tokens) | compile s | median ms | min ms "
+                 "| ratio dual/single: median, min, paired | CPU ms (median) | CPU-time ratio | XLA GFLOP |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append(f"| single-stream | - ({args.tokens}/0) | {single.compile_s:.1f} | {ms(single.median)} | {ms(single.min)} "
+                 f"| 1 | {ms(single.cpu_median)} | 1 | {gflop(single.flops)} |")
     for f in fractions:
         c = duals[f]
         nu, ng = layouts[f][:2]
         lines.append(f"| dual-stream | {f} ({nu}/{ng}) | {c.compile_s:.1f} | {ms(c.median)} | {ms(c.min)} | "
-                     f"{c.median / single.median:.3f}, {c.min / single.min:.3f} | {gflop(c.flops)} |")
+                     f"{c.median / base[f][0]:.3f}, {c.min / base[f][1]:.3f}, {paired(f):.3f} | {ms(c.cpu_median)} | {c.cpu_median / base[f][3]:.3f} | {gflop(c.flops)} |")
     table = "\n".join(lines)
     print()
     print(table)
-    print(f"\nratio at gen fraction {args.gen_fraction}: median {ratio_med:.3f}, min {ratio_min:.3f} "
+    print(f"\nratio at gen fraction {args.gen_fraction}: median {ratio_med:.3f}, min {ratio_min:.3f}, paired {ratio_pair:.3f}, "
+          f"CPU time {ratio_cpu:.3f} "
           f"(goal <= {GOAL}) -> {verdict}")
 
     parts_rows = None
@@ -426,18 +456,24 @@ def main(argv=None):
             f"\n## dual_stream — {now:%Y-%m-%d %H:%M %Z}\n",
             f"- command: `{cmd.strip()}`",
             f"- machine: {info['arch']}, {info['cpu']}, {info['cores']} cores ({info['affinity']} usable); "
-            f"jax {info['jax']}, backend {info['backend']} ({info['device']})",
+            f"jax {info['jax']}, backend {info['backend']} ({info['device']}); 1-min load average "
+            f"{load_before[0]:.2f} before, {load_after[0]:.2f} after timing (other processes share these cores)",
             f"- config: hidden {args.hidden}, heads {args.heads}, kv heads {args.kv_heads} (head_dim {cfg_d.head_dim}), "
             f"intermediate {args.intermediate}, tokens {args.tokens} (batch 1, {args.samples} packed samples: "
             f"causal text split [und] + full latent split [gen] each), dtype {args.dtype}, attention {args.attention}"
             + (f" (block {args.block})" if args.attention == "blockwise" else "")
             + f", qk-norm on both streams; params: dual {n_params_d:,}, single {n_params_s:,}",
             f"- timed: jit(value_and_grad(sum(out**2)) wrt params and inputs), {args.warmup} warm-up, "
-            f"{args.repeats} repeats at the main fraction ({max(3, args.repeats // 2)} at the others), dual/single interleaved",
+            f"{args.repeats} repeats at the main fraction ({max(3, args.repeats // 2)} at the others), dual/single interleaved; "
+            "each ratio is against the single-stream runs interleaved with that dual run (single row: main run); "
+            "'paired' = median over rounds of dual_i/single_i of adjacent runs; "
+            "CPU ms = process CPU time per call, all threads (less sensitive to other processes than wall time); "
+            "GFLOP from XLA cost analysis of the compiled step",
             "",
             table,
             "",
-            f"**Ratio dual/single at gen fraction {args.gen_fraction}: {ratio_med:.3f} (median), {ratio_min:.3f} (min); "
+            f"**Ratio dual/single at gen fraction {args.gen_fraction}: {ratio_med:.3f} (median), {ratio_min:.3f} (min), "
+            f"{ratio_pair:.3f} (paired median); CPU-time ratio {ratio_cpu:.3f}; "
             f"goal <= {GOAL}: {verdict}.**",
         ]
         if parts_rows:

@@ -12,6 +12,7 @@ from lance_jax import parity
 from lance_jax.convert.keys import CheckpointMismatchError
 from lance_jax.convert.pth_io import UnsafePickleError, read_pth
 from lance_jax.convert.safetensors_io import read_tensors, write_safetensors
+from lance_jax.convert.vae_keys import vae_key_table
 from lance_jax.models import vae as V
 from lance_jax.models.vae_blocks import avg_down_3d, dup_up_3d
 
@@ -80,7 +81,7 @@ def test_key_table_round_trip_is_bit_exact(st_path, vae_cfg):
     ref = dict(read_tensors(st_path))
     params = V.load_vae_params(st_path, vae_cfg)
     back = dict(V.vae_reference_tensors(params, vae_cfg))
-    assert len(V.vae_key_table(vae_cfg)) == 196 and set(back) == set(ref)
+    assert len(vae_key_table(vae_cfg)) == 196 and set(back) == set(ref)
     for key, arr in back.items():
         assert arr.dtype == ref[key].dtype and arr.shape == ref[key].shape and np.array_equal(arr, ref[key]), key
 
@@ -89,7 +90,7 @@ def test_key_table_covers_the_model_tree(vae_cfg):
     shapes = V.vae_param_shapes(vae_cfg)
     flat = {tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(
         shapes, is_leaf=lambda x: isinstance(x, tuple))[0]}
-    assert flat == {r.path for r in V.vae_key_table(vae_cfg)}
+    assert flat == {r.path for r in vae_key_table(vae_cfg)}
     # every param carries logical axis names, one per dimension
     boxed = V.vae_abstract_params(vae_cfg)
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: hasattr(x, "names"))
@@ -98,7 +99,7 @@ def test_key_table_covers_the_model_tree(vae_cfg):
 
 def test_real_model_structure():
     cfg = V.VaeConfig()  # c_dim 160, dec_dim 256: the released Wan2.2_VAE.pth (spec §A.10)
-    rules = V.vae_key_table(cfg)
+    rules = vae_key_table(cfg)
     shapes = V.vae_param_shapes(cfg)
     total = 0
     for r in rules:

@@ -44,7 +44,8 @@ def _vit_config(paths):
 
 def _vit_component(item: str, cfg, source: TensorSource, prefix: str):
     from lance_jax.convert.converter import Component
-    from lance_jax.models.vit import vit_key_table, vit_param_shapes
+    from lance_jax.convert.vit_keys import vit_key_table
+    from lance_jax.models.vit import vit_param_shapes
 
     rules, shapes = vit_key_table(cfg, prefix), vit_param_shapes(cfg)
     header = {k: v for k, v in source.header().items() if k.startswith(prefix)}
@@ -112,7 +113,8 @@ def vision_components(paths, model_source: TensorSource, vit_source: str = "stan
 def _vae_component(paths):
     """The VAE item: `vae_config.json` beside the weights (golden layout) or the released constants."""
     from lance_jax.convert.converter import Component
-    from lance_jax.models.vae import VaeConfig, load_vae_config, vae_key_table, vae_param_shapes
+    from lance_jax.convert.vae_keys import vae_key_table
+    from lance_jax.models.vae import VaeConfig, load_vae_config, vae_param_shapes
 
     folder = os.path.dirname(os.path.abspath(paths.vae))
     has_config = os.path.isfile(os.path.join(folder, "vae_config.json"))
@@ -142,7 +144,7 @@ class VisionWriters:
 
     def _vit_reader(self, item: str, prefix: str):
         from lance_jax.convert.converter import ItemReader
-        from lance_jax.models.vit import vit_key_table
+        from lance_jax.convert.vit_keys import vit_key_table
 
         return ItemReader(self.ckpt, item, vit_key_table(self.vit_cfg, prefix))
 
@@ -171,7 +173,8 @@ class VisionWriters:
         from lance_jax.convert.converter import ItemReader, write_reference_file
         from lance_jax.convert.pth_io import write_pth
         from lance_jax.convert.safetensors_io import ST_DTYPES
-        from lance_jax.models.vae import VaeConfig, vae_key_table
+        from lance_jax.convert.vae_keys import vae_key_table
+        from lance_jax.models.vae import VaeConfig
 
         raw = dict(self.ref["vae_config"])
         cfg = VaeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})

@@ -20,6 +20,8 @@ class KeyRule:
     perm:      a same-rank axis permutation, param = ref.transpose(perm) (e.g. conv (O, I, kt, kh, kw) ->
                (kt, kh, kw, I, O) is perm (2, 3, 4, 1, 0)).
     ref_ndim:  for copied tensors, the reference rank (trailing param dims are merged into it).
+    trailing_ones: extra singleton dims at the end of the reference tensor (a VAE gamma (C, 1, 1, 1)
+               <- (C,), a 1x1x1 conv weight (O, I, 1, 1, 1) <- kernel (I, O)).
     layer:     the layer index for per-layer tensors.
     stacked:   the param leaf stacks all layers (scanned layers): this rule is its slice `layer`.
     """
@@ -29,12 +31,16 @@ class KeyRule:
     transpose: bool = False
     in_dims: int = 1
     perm: tuple[int, ...] | None = None
+    trailing_ones: int = 0
     ref_ndim: int = 1
     layer: int | None = None
     stacked: bool = False
 
     def ref_shape(self, param_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape the reference tensor must have, given our (per-layer) param shape."""
+        return self._core_shape(param_shape) + (1,) * self.trailing_ones
+
+    def _core_shape(self, param_shape):
         if self.transpose:
             return (math.prod(param_shape[self.in_dims:]), math.prod(param_shape[: self.in_dims]))
         if self.perm is not None:
@@ -43,17 +49,21 @@ class KeyRule:
         return tuple(keep) + (math.prod(param_shape[self.ref_ndim - 1:]),)
 
     def to_param(self, ref: np.ndarray, param_shape: tuple[int, ...]) -> np.ndarray:
+        ref = np.asarray(ref)
+        ref = ref.reshape(ref.shape[: ref.ndim - self.trailing_ones])
         if self.perm is not None:
             return ref.transpose(self.perm).reshape(param_shape)
         return (ref.T if self.transpose else ref).reshape(param_shape)
 
     def to_ref(self, param: np.ndarray) -> np.ndarray:
-        shape = self.ref_shape(param.shape)
+        core = self._core_shape(param.shape)
         if self.transpose:
-            return np.ascontiguousarray(param.reshape(shape[::-1]).T)
-        if self.perm is not None:
-            return np.ascontiguousarray(param.transpose(np.argsort(self.perm)))
-        return param.reshape(shape)
+            out = np.ascontiguousarray(param.reshape(core[::-1]).T)
+        elif self.perm is not None:
+            out = np.ascontiguousarray(param.transpose(np.argsort(self.perm)))
+        else:
+            out = param.reshape(core)
+        return out.reshape(self.ref_shape(param.shape))
 
 
 class CheckpointMismatchError(ValueError):
