@@ -1,0 +1,118 @@
+"""The training loop behind `train.py`: config -> model, optimizer, state, data, checkpoints; resume.
+
+Config sections (see configs/train/*.py): model (ModelConfig fields), init (params: '' random | reference
+folder), optimizer, freeze, ema_decay, mesh, data (pipeline.make_dataset), train (steps, log_every,
+save_every, keep, seed, timesteps). Re-running the same command with the same workdir resumes from the
+latest checkpoint (params, optimizer, EMA, step, rng and the data iterator state).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from lance_jax import sharding as S
+from lance_jax.config import model_config_from_dict
+from lance_jax.data import pipeline as PL
+from lance_jax.models.lance import Lance
+from lance_jax.train import checkpoint as C
+from lance_jax.train import freeze as F
+from lance_jax.train import metrics as MT
+from lance_jax.train import optimizer as O
+from lance_jax.train import state as St
+from lance_jax.train import step as Sp
+
+log = logging.getLogger("lance_jax.train")
+
+
+def build(config, *, mesh=None):
+    """(cfg, mesh, tx, schedule, mask, state, shardings, jitted step, data iterator, example batch abstract)."""
+    cfg = model_config_from_dict(config.model)
+    mesh = mesh or S.make_mesh(dict(config.mesh))
+    it = PL.make_iterator(config.data, cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    first = next(it)  # shapes; the iterator is rewound below
+    it.set_state(_initial_state(config, cfg))
+    batch_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct((config.data.batch_size,) + x.shape[1:], x.dtype), first)
+    example = jax.tree.map(lambda x: np.zeros((1,) + x.shape[1:], x.dtype), first)
+    example.pop("gen_item", None)
+    boxed = St.abstract_boxed_params(cfg, example)
+    mask = F.trainable_mask(nn.unbox(boxed), config.freeze)
+    tx, schedule = O.make_optimizer(config.optimizer, mask)
+    params = None
+    if config.init.get("params", ""):
+        from lance_jax.convert import load_reference_params
+
+        params = load_reference_params(config.init.params, cfg)
+    ema = float(config.get("ema_decay", 0.0) or 0.0)
+    state, shardings = St.create_state(cfg, tx, mesh, example, seed=int(config.train.seed), use_ema=ema > 0,
+                                       params=params)
+    fn = Sp.train_step_fn(Lance(cfg), tx, schedule, mask, ema_decay=ema or None,
+                          timesteps=config.train.get("timesteps", "host"))
+    with S.use_mesh(mesh):
+        jstep = Sp.jit_train_step(fn, mesh, shardings, batch_abstract)
+    return dict(cfg=cfg, mesh=mesh, tx=tx, schedule=schedule, mask=mask, state=state, shardings=shardings,
+                step=jstep, data=it, batch_abstract=batch_abstract)
+
+
+def _initial_state(config, cfg):
+    return PL.make_iterator(config.data, cfg, process_index=jax.process_index(),
+                            process_count=jax.process_count()).get_state()
+
+
+def global_batch(batch, mesh, shardings_of):
+    """Host batch (this process's rows) -> global jax arrays sharded over (data, fsdp)."""
+    return {k: jax.make_array_from_process_local_data(shardings_of[k], v) for k, v in batch.items()}
+
+
+def run(config, workdir: str, *, progress: bool = True, console=print) -> dict:
+    """Train until config.train.steps; returns the last logged metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    b = build(config)
+    mesh, state, jstep, it = b["mesh"], b["state"], b["step"], b["data"]
+    ckpt = C.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep))
+    if ckpt.latest_step() is not None:
+        state, data_state, step = ckpt.restore(C.abstract_like(state, b["shardings"]))
+        if data_state:
+            it.set_state(data_state)
+        console(f"resumed from step {step}")
+    writer = MT.MetricWriter(os.path.join(workdir, "tb") if jax.process_index() == 0 else None,
+                             console=console if jax.process_index() == 0 else None)
+    b_sh = Sp.batch_shardings(mesh, b["batch_abstract"])
+    total = int(config.train.steps)
+    start = int(jax.device_get(state.step))
+    avg, last = MT.Average(), {}
+    bar = None
+    if progress and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, dynamic_ncols=True)
+    t0, tokens = time.time(), 0
+    with S.use_mesh(mesh):
+        for s in range(start, total):
+            batch = next(it)
+            tokens += int((batch["sample"] >= 0).sum()) * jax.process_count()
+            state, m = jstep(state, global_batch(batch, mesh, b_sh), Sp.step_rng(state))
+            avg.add(m)
+            done = s + 1
+            if done % int(config.train.log_every) == 0 or done == total:
+                vals = avg.result()
+                dt = time.time() - t0
+                vals.update(tokens_per_s=tokens / max(dt, 1e-9), steps_per_s=config.train.log_every / max(dt, 1e-9))
+                vals.update({f"data_{k}": v for k, v in PL.pack_stats(it).items()
+                             if isinstance(v, (int, float))})
+                last = writer.write(done, vals)
+                t0, tokens = time.time(), 0
+            if done % int(config.train.save_every) == 0 or done == total:
+                ckpt.save(done, state, it.get_state(), force=True)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+    if bar is not None:
+        bar.close()
+    ckpt.close()
+    writer.close()
+    return last
