@@ -113,6 +113,13 @@ class Attention(nn.Module):
             keys = jnp.concatenate([past_kv[0].astype(k.dtype), k], axis=1)
             values = jnp.concatenate([past_kv[1].astype(v.dtype), v], axis=1)
             key_tokens = MaskTokens(*(jnp.concatenate([a, b], axis=1) for a, b in zip(past_tokens, tokens)))
+        # Context parallelism: queries stay split over `context` (activation_length); keys / values (and their
+        # mask ints) are gathered (activation_kv_length is replicated), so GSPMD all-gathers K/V per layer.
+        kv_axes = ("activation_batch", "activation_kv_length", "activation_kv_heads", None)
+        keys = nn.with_logical_constraint(keys, kv_axes)
+        values = nn.with_logical_constraint(values, kv_axes)
+        key_tokens = MaskTokens(*(nn.with_logical_constraint(a, ("activation_batch", "activation_kv_length"))
+                                  for a in key_tokens))
         out = attention(
             q, keys, values, tokens, key_tokens,
             impl=cfg.attention_impl,
