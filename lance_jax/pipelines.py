@@ -1,0 +1,1078 @@
+"""Every Lance task end to end from a converted checkpoint (spec 30 §2-§12): the engine behind `infer.py`.
+
+    runner = LanceRunner("ckpt/")                                  # config, tokenizer, params, ViT, VAE: once
+    img = runner.t2i("A red cat sits.", height=768, width=768, seed=42)        # GenerationResult
+    clip = runner.video_edit("Make it red.", "in.mp4")                         # GenerationResult
+    ans = runner.x2t_image("What is this?", "cat.png")                         # TextResult
+    turns = runner.multi_edit(["Add a hat.", "Make it night."], "cat.png")     # [GenerationResult]
+    record = runner.run(Request(task="t2i", prompt="..."), out_dir="out/")     # writes files, returns JSON
+
+Generation (t2i, t2v, i2v, image_edit, video_edit): media are bucket-resized at the resolution preset,
+edit sources go through the ViT and the VAE (posterior sample, seeded), the sample is built
+(`sequence.build_generation`), the conditional and caption-free contexts are prefilled once
+(`kv_plan.plan_generation`, reference KV-cache semantics incl. its CFG position quirk), the target is
+integrated with the shifted Euler schedule and text CFG (`sampling.denoise`), then VAE-decoded.
+Understanding (x2t_image, x2t_video): ViT, prefill, greedy (or temperature / top-p) decoding, detokenise.
+Multi-turn editing chains single-turn edits (30 §7.6): each turn's output is the next turn's source.
+
+Every check that can fail is done before any device compute: task, inputs, sizes against the
+checkpoint's latent position table, sequence length against the context budget, and whether the
+checkpoint holds the ViT / VAE the task needs. Failures raise `InferenceError` with one clear message.
+Seeds: the initial noise uses `seed` (+k for the k-th sample of a request), VAE posterior sampling and
+the random caption instruction use `posterior_seed` (the reference's global seed 2025); all are recorded.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import random
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from lance_jax import media
+
+TASKS = ("t2i", "t2v", "i2v", "image_edit", "video_edit", "x2t_image", "x2t_video", "multi_edit")
+GENERATION_TASKS = ("t2i", "t2v", "i2v", "image_edit", "video_edit", "multi_edit")
+UNDERSTANDING_TASKS = ("x2t_image", "x2t_video")
+EDIT_TASKS = ("image_edit", "video_edit", "multi_edit")
+NEEDS_VIT = ("image_edit", "video_edit", "multi_edit", "x2t_image", "x2t_video")
+NEEDS_VAE = GENERATION_TASKS
+
+# Resolution presets -> (VAE stream side, ViT stream side) (30 §9.1).
+RESOLUTION_PRESETS = {
+    "image_256res": (256, 224), "video_192p": (256, 224), "image_512res": (512, 448), "image_768res": (768, 672),
+    "video_360p": (480, 476), "video_480p": (640, 616),
+}
+DEFAULT_RESOLUTION = {"t2i": "image_768res", "image_edit": "image_768res", "x2t_image": "image_768res",
+                      "multi_edit": "image_768res", "t2v": "video_480p", "i2v": "video_480p",
+                      "video_edit": "video_480p", "x2t_video": "video_480p"}
+DEFAULT_SIZE = (768, 768)  # t2i / t2v (shell defaults VIDEO_HEIGHT / VIDEO_WIDTH)
+DEFAULT_FRAMES = 50  # t2v / i2v (shell NUM_FRAMES; floored to 4k+1 = 49)
+GLOBAL_SEED = 2025  # reference `global_seed` (x WORLD_SIZE + rank on one process)
+DEFAULT_CONTEXT_BUDGET = 128_000  # Qwen2.5 max_position_embeddings when the checkpoint does not say
+
+
+class InferenceError(ValueError):
+    """A request that cannot run (bad task, input, size, prompt length or checkpoint): one clear message."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings and requests
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+    name: str
+    vae_side: int
+    vit_side: int
+
+
+def resolve_resolution(spec, task: str | None = None) -> Resolution:
+    """A preset name, an int VAE side, "VAE/VIT" or "VAE,VIT" sides, a (vae, vit) pair, or None (task default).
+
+    A bare VAE side takes the ViT side of the preset with that VAE side, else the largest multiple of 28
+    not above it.
+    """
+    if isinstance(spec, Resolution):
+        return spec
+    if spec is None:
+        name = DEFAULT_RESOLUTION.get(task or "t2i", "image_768res")
+        return Resolution(name, *RESOLUTION_PRESETS[name])
+    if isinstance(spec, str) and spec in RESOLUTION_PRESETS:
+        return Resolution(spec, *RESOLUTION_PRESETS[spec])
+    try:
+        if isinstance(spec, str):
+            parts = [int(p) for p in spec.replace("/", ",").split(",")]
+        elif isinstance(spec, (int, np.integer)):
+            parts = [int(spec)]
+        else:
+            parts = [int(p) for p in spec]
+    except (TypeError, ValueError):
+        raise InferenceError(f"resolution {spec!r}: expected one of {sorted(RESOLUTION_PRESETS)}, a VAE side, or "
+                             f"'VAE_SIDE/VIT_SIDE'") from None
+    if len(parts) == 1:
+        by_vae = {v: t for v, t in RESOLUTION_PRESETS.values()}
+        parts.append(by_vae.get(parts[0], max(28, parts[0] // 28 * 28)))
+    if len(parts) != 2 or min(parts) < 16:
+        raise InferenceError(f"resolution {spec!r}: need a VAE side >= 16 and a ViT side >= 16")
+    return Resolution(f"{parts[0]}/{parts[1]}", parts[0], parts[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """Sampler knobs; defaults are the released shell values (30 §3.1, §15)."""
+
+    steps: int = 30
+    shift: float = 3.5
+    cfg_scale: float = 4.0
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm: str = "global"
+    cfg_renorm_min: float = 0.0
+    kv_position_quirk: bool = True  # the released KV path's caption-free cache ids (20 §3.8)
+    sample_posterior: bool = True  # VAE encode samples the posterior (reference); False = its mean
+    posterior_seed: int = GLOBAL_SEED
+    fps: int = media.SAMPLE_FPS
+    max_duration: float = media.MAX_DURATION
+
+    def validate(self) -> "GenerationSettings":
+        from lance_jax.sampling import RENORM_TYPES
+
+        if int(self.steps) < 1:
+            raise InferenceError(f"steps must be >= 1, got {self.steps}")
+        if not float(self.shift) > 0:
+            raise InferenceError(f"shift must be > 0, got {self.shift}")
+        lo, hi = self.cfg_interval
+        if not lo < hi:
+            raise InferenceError(f"cfg interval ({lo}, {hi}] is empty")
+        if self.cfg_renorm not in RENORM_TYPES:
+            raise InferenceError(f"cfg renorm {self.cfg_renorm!r} not in {RENORM_TYPES}")
+        if self.fps < 1 or self.max_duration <= 0:
+            raise InferenceError(f"fps {self.fps} / max_duration {self.max_duration} must be positive")
+        return self
+
+    def cfg(self):
+        from lance_jax.sampling import CFGConfig
+
+        return CFGConfig(float(self.cfg_scale), (float(self.cfg_interval[0]), float(self.cfg_interval[1])),
+                         self.cfg_renorm, float(self.cfg_renorm_min))
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSettings:
+    """Understanding decoding: greedy by default (the reference); temperature > 0 samples (top-p)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature > 0
+
+    def validate(self) -> "TextSettings":
+        if int(self.max_new_tokens) < 1:
+            raise InferenceError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise InferenceError(f"temperature {self.temperature} must be >= 0 and top_p {self.top_p} in (0, 1]")
+        return self
+
+    def to_json(self) -> dict:
+        return dict(dataclasses.asdict(self), greedy=self.greedy)
+
+
+@dataclasses.dataclass
+class Request:
+    """One sample of a task, as `infer.py` or an input JSON describes it."""
+
+    task: str
+    prompt: str | Sequence[str] | None = None  # caption / instruction / question; multi_edit: the turns
+    image: Any = None  # path or uint8 (H, W, 3)
+    video: Any = None  # path or uint8 (F, H, W, 3) (already sampled)
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    resolution: Any = None
+    seed: int = 42
+    num_samples: int = 1
+    index: int | str = 0
+    system_prompt: str | None = None  # x2t instruction
+    additional_info: dict | None = None
+
+    def stem(self) -> str:
+        return f"{self.index:06d}" if isinstance(self.index, (int, np.integer)) else str(self.index)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    latent: np.ndarray  # (t, h, w, 48) float32: the final target latent
+    info: dict  # prompt, seeds, sizes, token counts, timings
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.frames) == 1
+
+
+@dataclasses.dataclass
+class TextResult:
+    text: str  # raw detokenised output incl. the stop token
+    answer: str  # `<|im_end|>` removed, stripped
+    token_ids: np.ndarray  # generated ids (stop token included)
+    info: dict
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def floor_frames(frames: int) -> int:
+    """Pixel frames floored to 4k+1 (30 §5, quirk 7)."""
+    frames = int(frames)
+    if frames < 1:
+        raise InferenceError(f"frames must be >= 1, got {frames}")
+    return 4 * ((frames - 1) // 4) + 1
+
+
+def latent_frames(frames: int) -> int:
+    return (int(frames) - 1) // 4 + 1
+
+
+def parse_mesh(spec) -> dict[str, int] | None:
+    """'fsdp=4,tensor=2' -> {'fsdp': 4, 'tensor': 2} (None / '' -> None)."""
+    if spec is None or spec == "" or isinstance(spec, dict):
+        return spec or None
+    out = {}
+    for part in str(spec).split(","):
+        name, _, size = part.partition("=")
+        try:
+            out[name.strip()] = int(size)
+        except ValueError:
+            raise InferenceError(f"--mesh {spec!r}: expected AXIS=SIZE[,AXIS=SIZE...], e.g. fsdp=4,tensor=2") from None
+    return out
+
+
+def _seed(seed) -> int:
+    seed = int(seed)
+    if seed < 0:  # Gradio's -1: a fresh random seed, recorded
+        seed = random.SystemRandom().randrange(0, 2 ** 31 - 1)
+    return seed
+
+
+class _Timer:
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t0, 4)
+
+
+def _load_media(value, kind: str, settings: GenerationSettings) -> tuple[np.ndarray, dict]:
+    """uint8 frames (T, H, W, 3) and an info dict from a path or an array."""
+    if value is None:
+        raise InferenceError(f"missing input {kind}")
+    try:
+        if isinstance(value, (str, os.PathLike)):
+            if kind == "image":
+                return media.read_media(value, "image")
+            return media.read_media(value, "video", fps=settings.fps, max_duration=settings.max_duration)
+        frames = np.asarray(value)
+        if frames.dtype != np.uint8:
+            raise InferenceError(f"{kind} array must be uint8 RGB, got {frames.dtype}")
+        if kind == "image" and frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+            raise InferenceError(f"{kind} array must be (H, W, 3) / (T, H, W, 3) uint8, got shape {frames.shape}")
+        if kind == "image" and len(frames) != 1:
+            raise InferenceError(f"an image has one frame, got {len(frames)}")
+        return frames, dict(kind=kind, path=None, height=frames.shape[1], width=frames.shape[2])
+    except media.MediaError as err:
+        raise InferenceError(str(err)) from None
+
+
+def check_request(req: Request, cfg=None) -> None:
+    """Host-only checks of a request (no model needed): task, inputs present and readable-looking, prompts,
+    counts, and, given the model config, the t2i/t2v target size against the latent position table."""
+    task = req.task
+    if task not in TASKS:
+        raise InferenceError(f"unknown task {task!r}; expected one of {TASKS}")
+    where = f"sample {req.index!r} ({task})"
+    needs = {"i2v": ("image",), "image_edit": ("image",), "x2t_image": ("image",), "video_edit": ("video",),
+             "x2t_video": ("video",), "multi_edit": ("image", "video")}.get(task, ())
+    if needs:
+        given = [k for k in needs if getattr(req, k) is not None]
+        if not given:
+            raise InferenceError(f"{where}: missing input {' or '.join(needs)} (--{needs[0]})")
+        for k in given:
+            value = getattr(req, k)
+            if isinstance(value, (str, os.PathLike)) and not os.path.isfile(value):
+                raise InferenceError(f"{where}: input {k} {os.fspath(value)!r} not found")
+    prompts = list(req.prompt) if (task == "multi_edit" and not isinstance(req.prompt, str) and req.prompt) else \
+        [req.prompt]
+    if task not in UNDERSTANDING_TASKS:
+        for i, text in enumerate(prompts):
+            if not isinstance(text, str) or not text.strip():
+                what = f"instruction {i + 1}" if task == "multi_edit" else "prompt"
+                raise InferenceError(f"{where}: missing {what} (--prompt)")
+    elif req.prompt is not None and not isinstance(req.prompt, str):
+        raise InferenceError(f"{where}: the question must be a string")
+    if int(req.num_samples) < 1:
+        raise InferenceError(f"{where}: num_samples must be >= 1")
+    if req.frames is not None and int(req.frames) < 1:
+        raise InferenceError(f"{where}: frames must be >= 1, got {req.frames}")
+    if req.resolution is not None:
+        resolve_resolution(req.resolution, task)
+    if task in ("t2i", "t2v"):
+        height, width = int(req.height or DEFAULT_SIZE[0]), int(req.width or DEFAULT_SIZE[1])
+        if height < 16 or width < 16:
+            raise InferenceError(f"{where}: size {height}x{width} is below 16 px")
+        if cfg is not None:
+            t = latent_frames(floor_frames(req.frames or DEFAULT_FRAMES)) if task == "t2v" else 1
+            if height // 16 > cfg.max_latent_size or width // 16 > cfg.max_latent_size:
+                raise InferenceError(f"{where}: {height}x{width} exceeds the checkpoint's latent position table "
+                                     f"(at most {16 * cfg.max_latent_size} px per side)")
+            if t > cfg.max_latent_frames:
+                raise InferenceError(f"{where}: {4 * (t - 1) + 1} frames exceed the checkpoint's "
+                                     f"{4 * (cfg.max_latent_frames - 1) + 1} (max_num_frames {cfg.max_num_frames})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Jitted pieces
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("model", "rows", "capacity"))
+def _prefill(model, params, batch, *, rows: int, capacity: int):
+    """KV cache of a context chunk (the cache is allocated inside the computation)."""
+    from lance_jax.models.backbone import KVCache
+    from lance_jax.models.lance import Lance
+
+    cache = KVCache.empty(model.cfg, rows, capacity)
+    _, _, cache = model.apply({"params": params}, batch, cache, method=Lance.extend)
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------
+
+
+class LanceRunner:
+    """A converted checkpoint loaded once; runs any task.
+
+    ckpt: a `convert_weights.py to-jax` folder. dtype: compute dtype of the LLM, ViT and VAE
+    ('float32' / 'bfloat16'; default: the checkpoint config's). param_dtype: cast params to it (default
+    as stored). mesh: {'fsdp': 4, 'tensor': 2} or 'fsdp=4,tensor=2': the LLM params are sharded with
+    the logical-axis rules, the CFG branches ride the batch axis. vit_path / vae_path: use these
+    reference weights instead of (or in the absence of) the checkpoint's items. max_context: the
+    longest sequence allowed (default: llm_config.json max_position_embeddings).
+    """
+
+    def __init__(self, ckpt: str, *, dtype: str | None = None, param_dtype: str | None = None, mesh=None,
+                 vit_path: str | None = None, vae_path: str | None = None, max_context: int | None = None,
+                 progress: bool = True):
+        from lance_jax.convert import converter
+        from lance_jax.models.lance import Lance
+        from lance_jax.tokenizer import Tokenizer
+
+        t0 = time.perf_counter()
+        self.ckpt = os.fspath(ckpt)
+        try:
+            self.manifest = converter.read_manifest(self.ckpt)
+        except (FileNotFoundError, ValueError) as err:
+            raise InferenceError(str(err)) from None
+        overrides = {} if dtype is None else {"dtype": dtype}
+        if dtype not in (None, "float32", "bfloat16"):
+            raise InferenceError(f"dtype {dtype!r} must be float32 or bfloat16")
+        self.cfg = converter.checkpoint_config(self.ckpt, **overrides)
+        self.dtype = self.cfg.dtype
+        ref_model = os.path.join(self.ckpt, "reference", "model")
+        try:
+            self.tokenizer = Tokenizer.from_folder(ref_model)
+        except (FileNotFoundError, ValueError) as err:
+            raise InferenceError(f"checkpoint {self.ckpt}: no usable tokenizer under reference/model ({err})") from None
+        self.max_context = int(max_context or self._llm_json().get("max_position_embeddings") or DEFAULT_CONTEXT_BUDGET)
+        self.progress = progress
+        self.model = Lance(self.cfg)
+        self.mesh_shape = parse_mesh(mesh)
+        self.mesh = None
+        shardings = None
+        if self.mesh_shape:
+            from lance_jax import packing, sharding
+            from lance_jax.models.lance import init_params
+
+            try:
+                self.mesh = sharding.make_mesh(self.mesh_shape)
+            except ValueError as err:
+                raise InferenceError(f"mesh {self.mesh_shape}: {err}") from None
+            boxed = jax.eval_shape(lambda r: init_params(self.cfg, r, packing.dummy_stream_batch(self.cfg)),
+                                   jax.random.PRNGKey(0))
+            shardings = {"lance": sharding.param_shardings(boxed, self.mesh)}
+        params = converter.restore_params(self.ckpt, shardings)
+        self.params = self._cast(params["lance"], param_dtype)
+        self.vit_cfg, self.vit_params = self._load_vit(params.get("vit"), vit_path, param_dtype)
+        self.vae_cfg, self.vae_params = self._load_vae(params.get("vae"), vae_path, param_dtype)
+        self.load_seconds = round(time.perf_counter() - t0, 3)
+
+    # -- loading -------------------------------------------------------------------------------------
+    def _llm_json(self) -> dict:
+        path = os.path.join(self.ckpt, "reference", "model", "llm_config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        return {}
+
+    @staticmethod
+    def _cast(tree, param_dtype):
+        if not param_dtype or param_dtype == "keep":
+            return tree
+        import jax.numpy as jnp
+
+        dt = jnp.dtype(param_dtype)
+        return jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+    def _load_vit(self, params, path, param_dtype):
+        from lance_jax.models.vit import VitConfig, load_vit_config, load_vit_params
+
+        if path:
+            cfg = load_vit_config(path, dtype=self.dtype)
+            return cfg, self._cast(load_vit_params(path, cfg), param_dtype)
+        raw = self.manifest.get("reference", {}).get("vit_config")
+        if params is None or not raw:
+            return None, None
+        raw = dict(raw, fullatt_block_indexes=tuple(raw["fullatt_block_indexes"]), dtype=self.dtype)
+        return VitConfig(**raw), self._cast(params, param_dtype)
+
+    def _load_vae(self, params, path, param_dtype):
+        from lance_jax.models.vae import VaeConfig, load_vae_config, load_vae_params
+
+        if path:
+            folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+            has_cfg = os.path.isfile(os.path.join(folder, "vae_config.json"))
+            cfg = load_vae_config(folder, dtype=self.dtype) if has_cfg else VaeConfig(dtype=self.dtype)
+            return cfg, self._cast(load_vae_params(path, cfg), param_dtype)
+        raw = self.manifest.get("reference", {}).get("vae_config")
+        if params is None or not raw:
+            return None, None
+        return VaeConfig(**dict(raw, dtype=self.dtype)), self._cast(params, param_dtype)
+
+    @property
+    def has_vit(self) -> bool:
+        return self.vit_params is not None
+
+    @property
+    def has_vae(self) -> bool:
+        return self.vae_params is not None
+
+    def describe(self) -> dict:
+        return dict(ckpt=os.path.abspath(self.ckpt), items=self.manifest.get("items"), dtype=self.dtype,
+                    vit=self.has_vit, vae=self.has_vae, mesh=self.mesh_shape, max_context=self.max_context,
+                    num_layers=self.cfg.num_layers, hidden_size=self.cfg.hidden_size,
+                    max_latent_size=self.cfg.max_latent_size, max_latent_frames=self.cfg.max_latent_frames,
+                    load_seconds=self.load_seconds)
+
+    def _mesh_ctx(self):
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        from lance_jax import sharding
+
+        return sharding.use_mesh(self.mesh)
+
+    def _place_batch(self, batch: dict) -> dict:
+        """Under a mesh, put the CFG branches (leading batch axis) on the data/fsdp axes where they divide."""
+        if self.mesh is None:
+            return batch
+        from lance_jax import sharding
+
+        rows = next(iter(batch.values())).shape[0]
+        return {k: jax.device_put(v, sharding.batch_sharding(self.mesh, np.ndim(v), rows)) for k, v in batch.items()}
+
+    # -- validation -----------------------------------------------------------------------------------
+    def require(self, task: str) -> None:
+        """The checkpoint holds what `task` needs."""
+        if task not in TASKS:
+            raise InferenceError(f"unknown task {task!r}; expected one of {TASKS}")
+        missing = []
+        if task in NEEDS_VIT and not self.has_vit:
+            missing.append("the ViT (vision tower)")
+        if task in NEEDS_VAE and not self.has_vae:
+            missing.append("the VAE")
+        if missing:
+            raise InferenceError(f"checkpoint {self.ckpt} lacks {' and '.join(missing)}, which task {task!r} needs "
+                                 f"(items: {self.manifest.get('items')}); convert it with --vit/--vae or pass "
+                                 f"vit_path/vae_path")
+
+    def check_latent_grid(self, grid, what: str) -> None:
+        t, h, w = grid
+        cfg = self.cfg
+        if min(grid) < 1:
+            raise InferenceError(f"{what}: latent grid {grid} is empty (sides must be >= 16 px)")
+        if h > cfg.max_latent_size or w > cfg.max_latent_size:
+            raise InferenceError(f"{what}: latent grid {h}x{w} exceeds the checkpoint's {cfg.max_latent_size}x"
+                                 f"{cfg.max_latent_size} latent position table (at most {16 * cfg.max_latent_size} px "
+                                 f"per side)")
+        if t > cfg.max_latent_frames:
+            raise InferenceError(f"{what}: {t} latent frames ({4 * (t - 1) + 1} pixel frames) exceed the checkpoint's "
+                                 f"{cfg.max_latent_frames} (max_num_frames {cfg.max_num_frames}); use fewer frames or "
+                                 f"a video checkpoint")
+
+    def check_length(self, n_tokens: int, what: str) -> None:
+        if n_tokens > self.max_context:
+            raise InferenceError(f"{what}: the sequence has {n_tokens} tokens, over the context budget of "
+                                 f"{self.max_context}; shorten the prompt or use smaller media")
+
+    def _text(self, text, what: str, *, required: bool = True) -> str:
+        if text is None or (isinstance(text, str) and not text.strip()):
+            if required:
+                raise InferenceError(f"missing {what}")
+            return ""
+        if not isinstance(text, str):
+            raise InferenceError(f"{what} must be a string, got {type(text).__name__}")
+        return text.strip()
+
+    # -- host-side preparation ---------------------------------------------------------------------------
+    def _build(self, fn, *args, **kw):
+        try:
+            return fn(*args, tokenizer=self.tokenizer, cfg=self.cfg, **kw)
+        except (ValueError, TypeError) as err:
+            raise InferenceError(str(err)) from None
+
+    def _vae_frames(self, frames: np.ndarray, side: int) -> np.ndarray:
+        """uint8 frames -> VAE input (3, F, H, W) in [-1, 1] at the bucket of `side` (F kept 4k+1)."""
+        from lance_jax.vision import resize_frames
+
+        frames = frames[: floor_frames(len(frames))]
+        try:
+            return media.to_vae_pixels(resize_frames(frames, side, divisor=16))
+        except ValueError as err:
+            raise InferenceError(f"cannot resize the input: {err}") from None
+
+    def _vit_inputs(self, frames: np.ndarray, side: int):
+        from lance_jax.vision import preprocess_image, preprocess_video
+
+        try:
+            if len(frames) == 1:
+                patches, grid, _ = preprocess_image(frames[0], side)
+            else:
+                patches, grid, _ = preprocess_video(frames, side)
+        except ValueError as err:
+            raise InferenceError(f"cannot preprocess the input for the ViT: {err}") from None
+        return patches, grid
+
+    # -- device stages -----------------------------------------------------------------------------------
+    def _vit(self, patches, grid) -> np.ndarray:
+        from lance_jax.models.vit import encode
+
+        return np.asarray(jax.block_until_ready(encode(self.vit_params, patches, grid, self.vit_cfg)), np.float32)
+
+    def _vae_encode(self, pixels: np.ndarray, settings: GenerationSettings) -> np.ndarray:
+        """(3, F, H, W) -> (t, h, w, 48) latent (posterior sample with posterior_seed, or the mean)."""
+        import jax.numpy as jnp
+
+        from lance_jax.models import vae
+
+        enc = vae.encode(self.vae_params, pixels, self.vae_cfg)
+        if settings.sample_posterior:
+            z = vae.sample_latent(enc.mu, enc.logvar, key=jax.random.PRNGKey(settings.posterior_seed))
+        else:
+            z = jnp.moveaxis(enc.mu, 0, -1)
+        return np.array(jax.block_until_ready(z), np.float32)
+
+    def _vae_decode(self, latent: np.ndarray) -> np.ndarray:
+        from lance_jax.models import vae
+
+        return np.asarray(jax.block_until_ready(vae.decode(self.vae_params, latent, self.vae_cfg)), np.float32)
+
+    def _noise(self, seed: int, rows: int) -> np.ndarray:
+        """Initial state rows N(0, 1), float32, from NumPy's PCG64 seeded with `seed` (host side, platform-exact)."""
+        return np.random.default_rng(seed).standard_normal((rows, self.cfg.patch_latent_dim), dtype=np.float32)
+
+    # -- generation core --------------------------------------------------------------------------------
+    def _generate(self, task: str, caption: str, target_grid, *, seeds: Sequence[int], settings: GenerationSettings,
+                  timer: _Timer, vit=None, source_pixels=None, first_frame_pixels=None, info: dict,
+                  progress: bool | None = None) -> list[GenerationResult]:
+        """Shared body of every generation task. vit: (patches, grid) of the edit source; source_pixels:
+        the edit source's VAE input; first_frame_pixels: the i2v first frame's VAE input."""
+        from lance_jax import packing
+        from lance_jax.kv_plan import plan_generation
+        from lance_jax.sampling import cfg_active, denoise, schedule
+        from lance_jax.sequence import build_generation
+
+        settings.validate()
+        progress = self.progress if progress is None else progress
+        seq_task = task
+        target_grid = tuple(int(x) for x in target_grid)
+        self.check_latent_grid(target_grid, f"{seq_task} target")
+        kw = {}
+        src_grid = None
+        if vit is not None:
+            _, frames, height, width = source_pixels.shape
+            src_grid = (latent_frames(frames), height // 16, width // 16)
+            self.check_latent_grid(src_grid, f"{seq_task} source")
+            kw = dict(source_vit_grid=tuple(int(x) for x in vit[1][0]), source_latent_grid=src_grid)
+        with timer("build"):
+            built = self._build(build_generation, seq_task, caption, target_latent_grid=target_grid, **kw)
+        n_tokens = built.num_tokens
+        self.check_length(n_tokens, seq_task)
+        t, h, w = target_grid
+        n_target = t * h * w
+        n_source = int(np.prod(src_grid)) if src_grid else 0
+        span = built.caption_span
+        info.update(tokens=dict(total=n_tokens, target=n_target, source_vae=n_source,
+                                vit=int(built.vision_blocks[0]["num_tokens"]) if vit is not None else 0,
+                                caption=int(span[1] - span[0]) if span else 0),
+                    latent_grid=list(target_grid), frames=4 * (t - 1) + 1, height=16 * h, width=16 * w)
+
+        # Conditions (host -> device -> host arrays, so that no stage pins another's devices).
+        vit_embeds, cond_rows, clean = None, None, np.zeros(n_source + n_target, bool)
+        if vit is not None:
+            with timer("vit"):
+                vit_embeds = self._vit(*vit)
+            with timer("vae_encode"):
+                cond_rows = packing.latent_tokens(self._vae_encode(source_pixels, settings),
+                                                   self.cfg.latent_patch_size)
+        if first_frame_pixels is not None:
+            with timer("vae_encode"):
+                first = self._vae_encode(first_frame_pixels, settings)
+            cond_rows = packing.latent_tokens(first, self.cfg.latent_patch_size)
+            clean[: len(cond_rows)] = True
+
+        times = schedule(int(settings.steps), float(settings.shift))
+        cfg_opts = settings.cfg()
+        text_cfg = cfg_opts.scale > 1.0
+        shared = dict(timer.times)  # read / build / vit / vae_encode: once per request
+        denoised, cache = [], None
+        for k, seed in enumerate(seeds):
+            sample_timer = _Timer()
+            with sample_timer("plan"):
+                rows = self._noise(seed, n_source + n_target)  # reference: one noise row per VAE token
+                if cond_rows is not None:
+                    rows[: len(cond_rows)] = cond_rows
+                plan = plan_generation(built.layout, self.cfg, rows, clean, text_cfg=text_cfg,
+                                       kv_position_quirk=settings.kv_position_quirk)
+            with self._mesh_ctx():
+                if cache is None:  # the contexts do not depend on the noise: prefill once per request
+                    context = dict(plan.context)
+                    rows_b = context["und_ids"].shape[0]
+                    if vit_embeds is not None:
+                        context["vit_embeds"] = np.repeat(vit_embeds[None], rows_b, axis=0)
+                    capacity = context["und_ids"].shape[1] + context["latents"].shape[1]
+                    with sample_timer("prefill"):
+                        cache = jax.block_until_ready(_prefill(self.model, self.params, self._place_batch(context),
+                                                               rows=rows_b, capacity=capacity))
+                    del context
+                query = self._place_batch(dict(plan.query))
+                with sample_timer("denoise"):
+                    final, _ = denoise(self.model, self.params, query, cache, plan.query["latents"][0], plan.noisy,
+                                       times, cfg_opts, progress=progress)
+                    final = np.asarray(jax.block_until_ready(final), np.float32)
+                del query
+            denoised.append((final[: len(plan.target_vae_rows)].reshape(t, h, w, -1), sample_timer))
+        del cache  # the KV caches are not needed by the VAE decode
+        guided = int(cfg_active(times[:-1], cfg_opts.interval, cfg_opts.scale).sum())
+        posterior_seed = int(settings.posterior_seed) if (vit is not None or first_frame_pixels is not None) else None
+        results = []
+        for k, (seed, (latent, sample_timer)) in enumerate(zip(seeds, denoised)):
+            with sample_timer("vae_decode"):
+                frames = media.to_uint8(self._vae_decode(latent))
+            timings = dict(shared, **sample_timer.times)
+            timings["denoise_per_step"] = round(timings["denoise"] / int(settings.steps), 5)
+            sample_info = dict(info, sample=k, seed=int(seed), noise_seed=int(seed), posterior_seed=posterior_seed,
+                               guided_steps=guided, timings=timings)
+            results.append(GenerationResult(frames, latent, sample_info))
+        return results
+
+    # -- public tasks ---------------------------------------------------------------------------------------
+    def _seeds(self, seed, num_samples: int) -> list[int]:
+        if int(num_samples) < 1:
+            raise InferenceError(f"num_samples must be >= 1, got {num_samples}")
+        base = _seed(seed)
+        return [base + k for k in range(int(num_samples))]
+
+    def t2i(self, prompt: str, *, height: int = DEFAULT_SIZE[0], width: int = DEFAULT_SIZE[1], seed: int = 42,
+            num_samples: int = 1, settings: GenerationSettings = GenerationSettings(), progress=None):
+        return self._text_to_visual("t2i", prompt, height, width, 1, seed, num_samples, settings, progress)
+
+    def t2v(self, prompt: str, *, height: int = DEFAULT_SIZE[0], width: int = DEFAULT_SIZE[1],
+            frames: int = DEFAULT_FRAMES, seed: int = 42, num_samples: int = 1,
+            settings: GenerationSettings = GenerationSettings(), progress=None):
+        return self._text_to_visual("t2v", prompt, height, width, frames, seed, num_samples, settings, progress)
+
+    def _text_to_visual(self, task, prompt, height, width, frames, seed, num_samples, settings, progress):
+        self.require(task)
+        caption = self._text(prompt, f"{task} prompt")
+        height, width = int(height), int(width)
+        if height < 16 or width < 16:
+            raise InferenceError(f"{task}: size {height}x{width} is below 16 px")
+        frames = floor_frames(frames)
+        grid = (latent_frames(frames), height // 16, width // 16)
+        info = dict(task=task, prompt=caption, requested=dict(height=height, width=width, frames=frames))
+        out = self._generate(task, caption, grid, seeds=self._seeds(seed, num_samples), settings=settings,
+                             timer=_Timer(), info=info, progress=progress)
+        return out if num_samples > 1 else out[0]
+
+    def i2v(self, prompt: str, image, *, frames: int = DEFAULT_FRAMES, resolution=None, seed: int = 42,
+            num_samples: int = 1, settings: GenerationSettings = GenerationSettings(), progress=None):
+        self.require("i2v")
+        caption = self._text(prompt, "i2v prompt")
+        res = resolve_resolution(resolution, "i2v")
+        timer = _Timer()
+        with timer("read"):
+            src, src_info = _load_media(image, "image", settings)
+            pixels = self._vae_frames(src, res.vae_side)  # (3, 1, H, W)
+        frames = floor_frames(frames)
+        grid = (latent_frames(frames), pixels.shape[2] // 16, pixels.shape[3] // 16)
+        info = dict(task="i2v", prompt=caption, resolution=res.name, source=src_info)
+        out = self._generate("i2v", caption, grid, seeds=self._seeds(seed, num_samples), settings=settings,
+                             timer=timer, first_frame_pixels=pixels, info=info, progress=progress)
+        return out if num_samples > 1 else out[0]
+
+    def image_edit(self, instruction: str, image, *, resolution=None, seed: int = 42, num_samples: int = 1,
+                   settings: GenerationSettings = GenerationSettings(), progress=None):
+        return self._edit("image_edit", instruction, image, resolution, seed, num_samples, settings, progress)
+
+    def video_edit(self, instruction: str, video, *, resolution=None, seed: int = 42, num_samples: int = 1,
+                   settings: GenerationSettings = GenerationSettings(), progress=None):
+        return self._edit("video_edit", instruction, video, resolution, seed, num_samples, settings, progress)
+
+    def _edit(self, task, instruction, source, resolution, seed, num_samples, settings, progress, *, info_extra=None):
+        self.require(task)
+        caption = self._text(instruction, f"{task} instruction")
+        res = resolve_resolution(resolution, task)
+        kind = "video" if task == "video_edit" else "image"
+        timer = _Timer()
+        with timer("read"):
+            src, src_info = _load_media(source, kind, settings)
+            src = src[: floor_frames(len(src))]
+            pixels = self._vae_frames(src, res.vae_side)
+            vit = self._vit_inputs(src, res.vit_side)
+        grid = (latent_frames(pixels.shape[1]), pixels.shape[2] // 16, pixels.shape[3] // 16)
+        info = dict(task=task, prompt=caption, resolution=res.name, source=src_info, vit_grid=vit[1][0].tolist(),
+                    **(info_extra or {}))
+        out = self._generate(task, caption, grid, seeds=self._seeds(seed, num_samples), settings=settings,
+                             timer=timer, vit=vit, source_pixels=pixels, info=info, progress=progress)
+        return out if num_samples > 1 else out[0]
+
+    def multi_edit(self, instructions: Sequence[str], source, *, kind: str | None = None, resolution=None,
+                   seed: int = 42, settings: GenerationSettings = GenerationSettings(), progress=None):
+        """Chained single-turn edits (30 §7.6): turn i edits turn i-1's output (turn 0 edits `source`).
+
+        kind: 'image' or 'video' (default: from the path's extension / the array's frame count).
+        Every turn uses the same seed (the reference's per-sample noise rule)."""
+        self.require("multi_edit")
+        if isinstance(instructions, str) or not instructions:
+            raise InferenceError("multi_edit needs a list of one or more instructions (one per turn)")
+        if kind is None:
+            if isinstance(source, (str, os.PathLike)):
+                kind = "video" if os.fspath(source).lower().endswith(media.VIDEO_EXTENSIONS[:-1]) else "image"
+            else:
+                kind = "image" if np.ndim(source) == 3 or len(source) == 1 else "video"
+        if kind not in ("image", "video"):
+            raise InferenceError(f"multi_edit source kind {kind!r} must be image or video")
+        texts = [self._text(x, f"multi_edit instruction {i + 1}") for i, x in enumerate(instructions)]
+        task = "video_edit" if kind == "video" else "image_edit"
+        results, current = [], source
+        for i, text in enumerate(texts):
+            res = self._edit(task, text, current, resolution, seed, 1, settings, progress,
+                             info_extra=dict(turn=i + 1, turns=len(texts), edit_task=task))
+            res.info["task"] = "multi_edit"
+            results.append(res)
+            current = res.frames if kind == "video" else res.frames[0]
+        return results
+
+    def x2t_image(self, question: str | None, image, *, resolution=None, system_prompt: str | None = None,
+                  text: TextSettings = TextSettings(), seed: int = 42):
+        return self._understand("x2t_image", question, image, resolution, system_prompt, text, seed)
+
+    def x2t_video(self, question: str | None, video, *, resolution=None, system_prompt: str | None = None,
+                  text: TextSettings = TextSettings(), seed: int = 42,
+                  settings: GenerationSettings = GenerationSettings()):
+        return self._understand("x2t_video", question, video, resolution, system_prompt, text, seed, settings)
+
+    def _understand(self, task, question, source, resolution, system_prompt, text: TextSettings, seed,
+                    settings: GenerationSettings = GenerationSettings()) -> TextResult:
+        from lance_jax.kv_plan import plan_understanding
+        from lance_jax.sampling import decode
+        from lance_jax.sequence import (GRADIO_X2T_IMAGE_INSTRUCTION, GRADIO_X2T_VIDEO_INSTRUCTION,
+                                        build_understanding)
+
+        self.require(task)
+        text.validate()
+        question = self._text(question, f"{task} question", required=False)
+        kind = "video" if task == "x2t_video" else "image"
+        default = GRADIO_X2T_VIDEO_INSTRUCTION if kind == "video" else GRADIO_X2T_IMAGE_INSTRUCTION
+        instruction = system_prompt or default
+        res = resolve_resolution(resolution, task)
+        timer = _Timer()
+        with timer("read"):
+            src, src_info = _load_media(source, kind, settings)
+            patches, grid = self._vit_inputs(src, res.vit_side)
+        with timer("build"):
+            built = self._build(build_understanding, task, question, vit_grid=tuple(int(x) for x in grid[0]),
+                                instruction=instruction)
+        max_new = int(text.max_new_tokens)
+        self.check_length(built.num_tokens + max_new, f"{task} (prompt + {max_new} new tokens)")
+        with timer("plan"):
+            try:
+                plan = plan_understanding(built.layout, self.cfg, max_new)
+            except ValueError as err:
+                raise InferenceError(str(err)) from None
+        with timer("vit"):
+            vit_embeds = self._vit(patches, grid)
+        batch = dict(plan.prefill, vit_embeds=vit_embeds[None])
+        capacity = batch["und_ids"].shape[1] + batch["latents"].shape[1] + max_new
+        seed = _seed(seed)
+        with self._mesh_ctx():
+            with timer("prefill"):
+                cache = jax.block_until_ready(_prefill(self.model, self.params, self._place_batch(batch), rows=1,
+                                                       capacity=capacity))
+            with timer("decode"):
+                ids, count, _ = decode(self.model, self.params, cache, plan.first_token, plan.decode_positions,
+                                       plan.order0, plan.split0, jax.random.PRNGKey(seed), max_new_tokens=max_new,
+                                       vocab_eff=int(min(self.cfg.vocab_size_eff, len(self.tokenizer))),
+                                       eos_id=int(self.cfg.eos_token_id), temperature=float(text.temperature or 1.0),
+                                       top_p=float(text.top_p), greedy=text.greedy)
+                count = int(count)
+                ids = np.asarray(ids)[:count]
+        raw = self.tokenizer.decode(ids.tolist())
+        answer = raw.replace(self.tokenizer.id_to_token(self.cfg.eos_token_id), "").strip()
+        timer.times["decode_per_token"] = round(timer.times["decode"] / max(count, 1), 5)
+        info = dict(task=task, question=question, system_prompt=instruction, resolution=res.name, source=src_info,
+                    vit_grid=grid[0].tolist(), seed=seed, new_tokens=count,
+                    stopped=bool(count and ids[-1] == self.cfg.eos_token_id),
+                    tokens=dict(prompt=built.num_tokens, vit=int(built.vision_blocks[0]["num_tokens"])),
+                    timings=dict(timer.times))
+        return TextResult(raw, answer, ids, info)
+
+    # -- requests -> files -----------------------------------------------------------------------------------
+    def run(self, request: Request, out_dir: str, *, settings: GenerationSettings = GenerationSettings(),
+            text: TextSettings = TextSettings(), progress=None) -> dict:
+        """Run one request, write its files under out_dir, return its JSON record."""
+        r = request
+        task = r.task
+        check_request(r, self.cfg)
+        self.require(task)
+        stem = r.stem()
+        record = dict(index=r.index if isinstance(r.index, (int, str)) else int(r.index), task=task)
+        if r.additional_info:
+            record["additional_info"] = r.additional_info
+        os.makedirs(out_dir, exist_ok=True)
+        if task in UNDERSTANDING_TASKS:
+            source = r.image if task == "x2t_image" else r.video
+            fn = self.x2t_image if task == "x2t_image" else self.x2t_video
+            kw = dict(settings=settings) if task == "x2t_video" else {}
+            out = fn(r.prompt, source, resolution=r.resolution, system_prompt=r.system_prompt, text=text, seed=r.seed,
+                     **kw)
+            record.update(out.info, input=_path_or_array(source), raw=out.text, answer=out.answer,
+                          token_ids=out.token_ids.tolist())
+            return record
+        if task == "multi_edit":
+            source = r.image if r.image is not None else r.video
+            if source is None:
+                raise InferenceError("multi_edit needs --image or --video as the first turn's source")
+            turns = [r.prompt] if isinstance(r.prompt, str) else list(r.prompt or [])
+            results = self.multi_edit(turns, source, kind="video" if r.image is None else "image",
+                                      resolution=r.resolution, seed=r.seed, settings=settings, progress=progress)
+            record.update(input=_path_or_array(source), turns=[])
+            for res in results:
+                path = media.write_media(os.path.join(out_dir, f"{stem}_turn{res.info['turn']}"), res.frames,
+                                         settings.fps)
+                record["turns"].append(dict(res.info, output=os.path.basename(path)))
+            record["outputs"] = [t["output"] for t in record["turns"]]
+            return record
+        common = dict(seed=r.seed, num_samples=r.num_samples, settings=settings, progress=progress)
+        if task in ("t2i", "t2v"):
+            kw = dict(height=r.height or DEFAULT_SIZE[0], width=r.width or DEFAULT_SIZE[1])
+            if task == "t2v":
+                kw["frames"] = r.frames or DEFAULT_FRAMES
+            out = getattr(self, task)(r.prompt, **kw, **common)
+        elif task == "i2v":
+            out = self.i2v(r.prompt, r.image, frames=r.frames or DEFAULT_FRAMES, resolution=r.resolution, **common)
+        else:
+            source = r.image if task == "image_edit" else r.video
+            out = getattr(self, task)(r.prompt, source, resolution=r.resolution, **common)
+        results = out if isinstance(out, list) else [out]
+        record["samples"] = []
+        for res in results:
+            name = stem if len(results) == 1 else f"{stem}_{res.info['sample']}"
+            path = media.write_media(os.path.join(out_dir, name), res.frames, settings.fps)
+            record["samples"].append(dict(res.info, output=os.path.basename(path)))
+        record["outputs"] = [s["output"] for s in record["samples"]]
+        record["prompt"] = results[0].info["prompt"]
+        src = r.image if task in ("i2v", "image_edit") else (r.video if task == "video_edit" else None)
+        if src is not None:
+            record["input"] = _path_or_array(src)
+        return record
+
+
+def _path_or_array(x):
+    if x is None or isinstance(x, (str, os.PathLike)):
+        return None if x is None else os.fspath(x)
+    return f"<array {tuple(np.shape(x))}>"
+
+
+# ----------------------------------------------------------------------------------------------
+# Input files (30 §8)
+# ----------------------------------------------------------------------------------------------
+
+
+def _index(key):
+    if isinstance(key, (int, np.integer)):
+        return int(key)
+    stem = str(key)
+    for ext in (".mp4", ".jpg", ".png", ".jpeg"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    try:
+        return int(stem)
+    except ValueError:
+        return stem
+
+
+def read_input_file(path: str) -> list[dict]:
+    """[{index, data, ...}] from a task JSON / JSONL (30 §8), in file order.
+
+    JSON is tried first (an object of `"<index>[.ext]": data`, a list of records, or one record), then
+    JSONL (one record per line). Unlike the reference, a one-line JSON object is read as the object it is.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        raise InferenceError(f"cannot read input file {path!r}: {err}") from None
+    try:
+        doc = json.loads(text)
+        if isinstance(doc, dict) and "data" in doc:
+            records = [doc]
+        elif isinstance(doc, dict):
+            records = [dict(index=_index(k), data=v) for k, v in doc.items()]
+        elif isinstance(doc, list):
+            records = list(doc)
+        else:
+            raise InferenceError(f"{path}: expected a JSON object or list, got {type(doc).__name__}")
+    except json.JSONDecodeError:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise InferenceError(f"{path}:{n}: neither JSON nor JSONL ({err})") from None
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or "data" not in rec:
+            raise InferenceError(f"{path}: record {i} has no 'data' field (expected {{index, data}})")
+        out.append(dict(rec, index=_index(rec.get("index", i))))
+    if not out:
+        raise InferenceError(f"{path}: no samples")
+    return out
+
+
+def _resolve_path(p: str, base: str) -> str:
+    if os.path.exists(p) or os.path.isabs(p):
+        return p
+    alt = os.path.join(base, p)
+    return alt if os.path.exists(alt) else p
+
+
+def request_from_record(task: str, record: dict, *, base_dir: str = ".", defaults: dict | None = None) -> Request:
+    """A Request from one input record (30 §8 value formats; multi_edit: one medium + one text per turn)."""
+    defaults = dict(defaults or {})
+    data = record["data"]
+    req = Request(task=task, index=record["index"], additional_info=record.get("additional_info"), **defaults)
+    where = f"sample {record['index']!r}"
+    if task in ("t2i", "t2v"):
+        if isinstance(data, dict):
+            data = data.get("prompt", data.get("caption"))
+        if not isinstance(data, str):
+            raise InferenceError(f"{where}: a {task} sample's data must be the prompt string")
+        req.prompt = data
+        return req
+    if not isinstance(data, dict) or "interleave_array" not in data:
+        raise InferenceError(f"{where}: a {task} sample needs {{interleave_array, element_dtype_array}}")
+    items = data["interleave_array"]
+    kinds = data.get("element_dtype_array") or ["text" if not isinstance(x, str) or not os.path.splitext(x)[1]
+                                                else "image" for x in items]
+    targets = data.get("istarget_in_interleave") or [0] * len(items)
+    if not (len(items) == len(kinds) == len(targets)):
+        raise InferenceError(f"{where}: interleave_array, element_dtype_array and istarget_in_interleave differ in "
+                             f"length")
+    texts, visuals = [], []
+    for item, kind, target in zip(items, kinds, targets):
+        if kind == "text":
+            texts.append((item, target))
+        elif kind in ("image", "video"):
+            if not target or task in UNDERSTANDING_TASKS:  # edit targets (GEdit, Gradio) are ignored
+                visuals.append((kind, _resolve_path(str(item), base_dir)))
+        else:
+            raise InferenceError(f"{where}: unknown element type {kind!r}")
+    if not visuals:
+        raise InferenceError(f"{where}: task {task} needs an image or video element")
+    kind, path = visuals[0]
+    if task in UNDERSTANDING_TASKS:
+        want = "video" if task == "x2t_video" else "image"
+        if kind != want:
+            raise InferenceError(f"{where}: {task} needs a {want}, got a {kind}")
+        text = texts[0][0] if texts else ""
+        if isinstance(text, (list, tuple)):  # [system prompt, question, reference answer]
+            if len(text) < 2:
+                raise InferenceError(f"{where}: the x2t text triple needs [system prompt, question, answer]")
+            req.system_prompt, req.prompt = text[0] or None, text[1]
+        else:  # a bare caption target: a random caption instruction (reference: under the global seed)
+            from lance_jax.sequence import CAPTION_PROMPTS
+
+            rng = random.Random(defaults.get("posterior_seed", GLOBAL_SEED))
+            req.system_prompt, req.prompt = rng.choice(CAPTION_PROMPTS).replace("{v}", want), ""
+    elif task == "multi_edit":
+        req.prompt = [t for t, _ in texts]
+    else:
+        req.prompt = "".join(t for t, target in texts if not target) or None
+    setattr(req, "video" if kind == "video" else "image", path)
+    if task in ("i2v", "image_edit") and kind != "image":
+        raise InferenceError(f"{where}: {task} needs an image, got a {kind}")
+    if task == "video_edit" and kind != "video":
+        raise InferenceError(f"{where}: video_edit needs a video, got a {kind}")
+    return req
+
+
+def default_out_dir(task: str, settings: GenerationSettings, seed: int) -> str:
+    """results/{task}_sample_ts{steps}_tts{shift}_seed{seed}_cfg{cfg}_kvcache_{YYYYmmdd_HHMMSS} (30 §11)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    if task in UNDERSTANDING_TASKS:
+        return os.path.join("results", f"{task}_sample_seed{seed}_{stamp}")
+    return os.path.join("results", f"{task}_sample_ts{settings.steps}_tts{settings.shift}_seed{seed}_"
+                                   f"cfg{settings.cfg_scale}_kvcache_{stamp}")
+
+
+def write_run_files(out_dir: str, run: dict) -> dict[str, str]:
+    """run.json (everything) + the reference's prompt.json (+ result.json for understanding)."""
+    paths = {"run": os.path.join(out_dir, "run.json")}
+    with open(paths["run"], "w", encoding="utf-8") as f:
+        json.dump(run, f, indent=1, ensure_ascii=False, default=_json_default)
+    prompts, results = {}, []
+    for rec in run["records"]:
+        if rec.get("error"):
+            continue
+        if rec["task"] in UNDERSTANDING_TASKS:
+            key = os.path.basename(rec.get("input") or str(rec["index"]))
+            prompts[key] = rec["raw"]
+            kind = "video" if rec["task"] == "x2t_video" else "image"
+            results.append({kind: rec.get("input"), "question": rec.get("question"), "answer": rec["answer"]})
+        elif rec["task"] == "multi_edit":
+            for turn in rec["turns"]:
+                prompts[turn["output"]] = turn["prompt"]
+        else:
+            for s in rec["samples"]:
+                prompts[s["output"]] = s["prompt"]
+    paths["prompt"] = os.path.join(out_dir, "prompt.json")
+    with open(paths["prompt"], "w", encoding="utf-8") as f:
+        json.dump(prompts, f, indent=1, ensure_ascii=False)
+    if results:
+        paths["result"] = os.path.join(out_dir, "result.json")
+        with open(paths["result"], "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1, ensure_ascii=False)
+    return paths
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
