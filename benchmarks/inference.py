@@ -12,7 +12,7 @@ generating 768x768 with CFG, and (`lance_3b_video.py`) t2v at 480x848 x 121 fram
 request is planned on the host exactly as `pipelines` does (synthetic token ids with the released
 token counts: 34 / 40 template tokens, a `--caption-tokens` caption, 5 suffix tokens), and every
 device stage is lowered with `jax.ShapeDtypeStruct` arguments and compiled:
-  prefill  `pipelines._prefill` (both CFG contexts, KV caches allocated inside),
+  prefill  `pipelines.runner.prefill_cache` (both CFG contexts, KV caches allocated inside),
   denoise  `sampling.denoise_step` guided (both branches batched; the largest step),
   vae      the released Wan 2.2 decode of the target latent (streamed).
 `compiled.memory_analysis()` gives argument / output / temp / alias bytes per stage. Every param the
@@ -182,7 +182,7 @@ def memory_case(name: str, config: str, height: int, width: int, frames: int, ca
                plan.query["latents"].shape[1], cache_capacity=capacity, params_bytes=nbytes(params), plan_s=plan_s,
                attention="blockwise" if plan.query["latents"].shape[1] + capacity > cfg.dense_attention_max_len and
                cfg.attention_impl == "auto" else cfg.attention_impl)
-    prefill = functools.partial(pipelines._prefill, model, rows=rows, capacity=capacity)
+    prefill = functools.partial(pipelines.runner.prefill_cache, model, rows=rows, capacity=capacity)
     t0 = time.perf_counter()
     compiled = jax.jit(prefill).lower(params, context).compile()
     res["prefill"] = dict(mem(compiled), compile_s=time.perf_counter() - t0)

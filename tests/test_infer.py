@@ -224,7 +224,7 @@ def no_compute(monkeypatch, runner):
     def boom(*a, **k):
         raise AssertionError("device compute started before validation finished")
 
-    monkeypatch.setattr(pipelines, "_prefill", boom)
+    monkeypatch.setattr(pipelines.runner, "prefill_cache", boom)
     for name in ("_vit", "_vae_encode", "_vae_decode"):
         monkeypatch.setattr(runner, name, boom)
     return runner

@@ -1,0 +1,186 @@
+"""Input files in the reference's JSON/JSONL schema (30 §8) and the files a run writes."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+
+import numpy as np
+
+from lance_jax.pipelines.requests import (
+    GLOBAL_SEED, GenerationSettings, InferenceError, Request, UNDERSTANDING_TASKS,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input files (30 §8)
+# ----------------------------------------------------------------------------------------------
+
+
+def _index(key):
+    if isinstance(key, (int, np.integer)):
+        return int(key)
+    stem = str(key)
+    for ext in (".mp4", ".jpg", ".png", ".jpeg"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    try:
+        return int(stem)
+    except ValueError:
+        return stem
+
+
+def read_input_file(path: str) -> list[dict]:
+    """[{index, data, ...}] from a task JSON / JSONL (30 §8), in file order.
+
+    JSON is tried first (an object of `"<index>[.ext]": data`, a list of records, or one record), then
+    JSONL (one record per line). Unlike the reference, a one-line JSON object is read as the object it is.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        raise InferenceError(f"cannot read input file {path!r}: {err}") from None
+    try:
+        doc = json.loads(text)
+        if isinstance(doc, dict) and "data" in doc:
+            records = [doc]
+        elif isinstance(doc, dict):
+            records = [dict(index=_index(k), data=v) for k, v in doc.items()]
+        elif isinstance(doc, list):
+            records = list(doc)
+        else:
+            raise InferenceError(f"{path}: expected a JSON object or list, got {type(doc).__name__}")
+    except json.JSONDecodeError:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise InferenceError(f"{path}:{n}: neither JSON nor JSONL ({err})") from None
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or "data" not in rec:
+            raise InferenceError(f"{path}: record {i} has no 'data' field (expected {{index, data}})")
+        out.append(dict(rec, index=_index(rec.get("index", i))))
+    if not out:
+        raise InferenceError(f"{path}: no samples")
+    return out
+
+
+def _resolve_path(p: str, base: str) -> str:
+    if os.path.exists(p) or os.path.isabs(p):
+        return p
+    alt = os.path.join(base, p)
+    return alt if os.path.exists(alt) else p
+
+
+def request_from_record(task: str, record: dict, *, base_dir: str = ".", defaults: dict | None = None) -> Request:
+    """A Request from one input record (30 §8 value formats; multi_edit: one medium + one text per turn)."""
+    defaults = dict(defaults or {})
+    data = record["data"]
+    req = Request(task=task, index=record["index"], additional_info=record.get("additional_info"), **defaults)
+    where = f"sample {record['index']!r}"
+    if task in ("t2i", "t2v"):
+        if isinstance(data, dict):
+            data = data.get("prompt", data.get("caption"))
+        if not isinstance(data, str):
+            raise InferenceError(f"{where}: a {task} sample's data must be the prompt string")
+        req.prompt = data
+        return req
+    if not isinstance(data, dict) or "interleave_array" not in data:
+        raise InferenceError(f"{where}: a {task} sample needs {{interleave_array, element_dtype_array}}")
+    items = data["interleave_array"]
+    kinds = data.get("element_dtype_array") or ["text" if not isinstance(x, str) or not os.path.splitext(x)[1]
+                                                else "image" for x in items]
+    targets = data.get("istarget_in_interleave") or [0] * len(items)
+    if not (len(items) == len(kinds) == len(targets)):
+        raise InferenceError(f"{where}: interleave_array, element_dtype_array and istarget_in_interleave differ in "
+                             f"length")
+    texts, visuals = [], []
+    for item, kind, target in zip(items, kinds, targets):
+        if kind == "text":
+            texts.append((item, target))
+        elif kind in ("image", "video"):
+            if not target or task in UNDERSTANDING_TASKS:  # edit targets (GEdit, Gradio) are ignored
+                visuals.append((kind, _resolve_path(str(item), base_dir)))
+        else:
+            raise InferenceError(f"{where}: unknown element type {kind!r}")
+    if not visuals:
+        raise InferenceError(f"{where}: task {task} needs an image or video element")
+    kind, path = visuals[0]
+    if task in UNDERSTANDING_TASKS:
+        want = "video" if task == "x2t_video" else "image"
+        if kind != want:
+            raise InferenceError(f"{where}: {task} needs a {want}, got a {kind}")
+        text = texts[0][0] if texts else ""
+        if isinstance(text, (list, tuple)):  # [system prompt, question, reference answer]
+            if len(text) < 2:
+                raise InferenceError(f"{where}: the x2t text triple needs [system prompt, question, answer]")
+            req.system_prompt, req.prompt = text[0] or None, text[1]
+        else:  # a bare caption target: a random caption instruction (reference: under the global seed)
+            from lance_jax.sequence import CAPTION_PROMPTS
+
+            rng = random.Random(defaults.get("posterior_seed", GLOBAL_SEED))
+            req.system_prompt, req.prompt = rng.choice(CAPTION_PROMPTS).replace("{v}", want), ""
+    elif task == "multi_edit":
+        req.prompt = [t for t, _ in texts]
+    else:
+        req.prompt = "".join(t for t, target in texts if not target) or None
+    setattr(req, "video" if kind == "video" else "image", path)
+    if task in ("i2v", "image_edit") and kind != "image":
+        raise InferenceError(f"{where}: {task} needs an image, got a {kind}")
+    if task == "video_edit" and kind != "video":
+        raise InferenceError(f"{where}: video_edit needs a video, got a {kind}")
+    return req
+
+
+def default_out_dir(task: str, settings: GenerationSettings, seed: int) -> str:
+    """results/{task}_sample_ts{steps}_tts{shift}_seed{seed}_cfg{cfg}_kvcache_{YYYYmmdd_HHMMSS} (30 §11)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    if task in UNDERSTANDING_TASKS:
+        return os.path.join("results", f"{task}_sample_seed{seed}_{stamp}")
+    return os.path.join("results", f"{task}_sample_ts{settings.steps}_tts{settings.shift}_seed{seed}_"
+                                   f"cfg{settings.cfg_scale}_kvcache_{stamp}")
+
+
+def write_run_files(out_dir: str, run: dict) -> dict[str, str]:
+    """run.json (everything) + the reference's prompt.json (+ result.json for understanding)."""
+    paths = {"run": os.path.join(out_dir, "run.json")}
+    with open(paths["run"], "w", encoding="utf-8") as f:
+        json.dump(run, f, indent=1, ensure_ascii=False, default=_json_default)
+    prompts, results = {}, []
+    for rec in run["records"]:
+        if rec.get("error"):
+            continue
+        if rec["task"] in UNDERSTANDING_TASKS:
+            key = os.path.basename(rec.get("input") or str(rec["index"]))
+            prompts[key] = rec["raw"]
+            kind = "video" if rec["task"] == "x2t_video" else "image"
+            results.append({kind: rec.get("input"), "question": rec.get("question"), "answer": rec["answer"]})
+        elif rec["task"] == "multi_edit":
+            for turn in rec["turns"]:
+                prompts[turn["output"]] = turn["prompt"]
+        else:
+            for s in rec["samples"]:
+                prompts[s["output"]] = s["prompt"]
+    paths["prompt"] = os.path.join(out_dir, "prompt.json")
+    with open(paths["prompt"], "w", encoding="utf-8") as f:
+        json.dump(prompts, f, indent=1, ensure_ascii=False)
+    if results:
+        paths["result"] = os.path.join(out_dir, "result.json")
+        with open(paths["result"], "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1, ensure_ascii=False)
+    return paths
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
