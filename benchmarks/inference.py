@@ -111,6 +111,68 @@ def latency(ckpt: str | None, golden: str, steps: int, tokens: int) -> dict:
     return out
 
 
+def mid_latency(golden: str, steps: int, tokens: int) -> dict:
+    """Per-step / per-token latency of a mid-size random model (hidden 512, 8 layers) at t2i 256x256 (16x16 latents)
+    and x2t decoding, timing the jitted pieces directly (no checkpoint of that size exists)."""
+    import flax.linen as nn
+    import jax
+
+    from lance_jax.config import load_reference_config
+    from lance_jax.kv_plan import plan_generation, plan_understanding
+    from lance_jax.models.lance import Lance, init_params
+    from lance_jax.pipelines.runner import prefill_cache
+    from lance_jax.sampling import CFGConfig, decode, denoise_step
+    from lance_jax.sequence import build_generation, build_understanding
+    from lance_jax.tokenizer import Tokenizer
+
+    model_dir = os.path.join(golden, "model")
+    cfg = load_reference_config(model_dir).replace(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2,
+                                                   intermediate_size=1408, mrope_section=(8, 12, 12),
+                                                   vit_out_hidden_size=512)
+    tok, model, rng = Tokenizer.from_folder(model_dir), Lance(cfg), np.random.default_rng(0)
+    built = build_generation("t2i", "A red cat sits on a wooden table next to a window.", tokenizer=tok, cfg=cfg,
+                             target_latent_grid=(1, 16, 16))
+    n_vae = 256
+    plan = plan_generation(built.layout, cfg, rng.standard_normal((n_vae, cfg.patch_latent_dim)).astype(np.float32))
+    params = jax.jit(lambda r: nn.unbox(init_params(cfg, r, plan.context)))(jax.random.PRNGKey(0))
+    capacity = plan.context["und_ids"].shape[1] + plan.context["latents"].shape[1]
+    cache = prefill_cache(model, params, plan.context, rows=2, capacity=capacity)
+    x = plan.query["latents"][0]
+    out = dict(config="hidden 512, 8 layers, 8 heads / 2 kv, intermediate 1408, random params", target_tokens=n_vae,
+               context_tokens=plan.debug["n_ctx"][0])
+    for name, guided in (("cfg", True), ("nocfg", False)):
+        step = lambda: denoise_step(model, params, plan.query, cache, x, np.float32(1.0), np.float32(0.1),  # noqa: E731
+                                    plan.noisy, cfg=CFGConfig(), guided=guided)[0]
+        jax.block_until_ready(step())
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(step())
+            times.append(time.perf_counter() - t0)
+        out[f"t2i_{name}_step_s"] = float(np.median(times))
+    und = build_understanding("x2t_image", "What is in the picture?", tokenizer=tok, cfg=cfg, vit_grid=(1, 16, 16))
+    uplan = plan_understanding(und.layout, cfg, tokens)
+    batch = dict(uplan.prefill, vit_embeds=rng.standard_normal((1, 64, 512)).astype(np.float32))
+    ucap = batch["und_ids"].shape[1] + batch["latents"].shape[1]
+    from lance_jax.models.backbone import KVCache
+
+    prefill = jax.jit(lambda p, b: model.apply({"params": p}, b, KVCache.empty(cfg, 1, ucap + tokens),
+                                               method=Lance.extend)[2])
+    ucache = prefill(params, batch)
+
+    def run():
+        return decode(model, params, ucache, uplan.first_token, uplan.decode_positions, uplan.order0, uplan.split0,
+                      jax.random.PRNGKey(1), max_new_tokens=tokens, vocab_eff=cfg.vocab_size_eff,
+                      eos_id=cfg.eos_token_id, greedy=False, temperature=1.0)
+
+    jax.block_until_ready(run())
+    t0 = time.perf_counter()
+    ids, n, _ = jax.block_until_ready(run())
+    out["x2t_token_s"] = (time.perf_counter() - t0) / max(int(n), 1)
+    out["x2t_new_tokens"] = int(n)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Part 2: memory of the full model (compile only)
 # ----------------------------------------------------------------------------------------------
@@ -292,6 +354,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="3B params and compute")
     p.add_argument("--target-gib", type=float, default=16.0)
     p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--mid", action="store_true", help="also time a mid-size random model (hidden 512, 8 layers)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-video", action="store_true", help="no 480p x 121-frame case")
     p.add_argument("--raw-cpu", action="store_true", help="also the 768x768 case compiled with XLA:CPU defaults")
@@ -307,6 +370,7 @@ def main(argv=None) -> int:
         return 0
     started = time.perf_counter()
     lat = None if args.skip_latency else latency(args.ckpt, args.golden, args.steps, args.tokens)
+    mid = mid_latency(args.golden, args.steps, args.tokens) if args.mid else None
     mems, raw = [], None
     if not args.skip_memory:
         mems = memory_subprocess(args)
@@ -314,6 +378,11 @@ def main(argv=None) -> int:
             raw = memory_case(*CASES[0], args.caption_tokens, args.dtype, args.dtype)
             raw["name"] += " [CPU, LICM on]"
     lines = report(lat, mems + ([raw] if raw else []), args.target_gib)
+    if mid:
+        lines += ["", f"Mid-size latency ({mid['config']}; CPU): t2i 256x256 ({mid['target_tokens']} target tokens, "
+                      f"{mid['context_tokens']} context tokens) denoise step {mid['t2i_cfg_step_s'] * 1e3:.1f} ms with CFG, "
+                      f"{mid['t2i_nocfg_step_s'] * 1e3:.1f} ms without; x2t decode {mid['x2t_token_s'] * 1e3:.2f} ms/token "
+                      f"over {mid['x2t_new_tokens']} tokens."]
     if mems:
         lines += ["- the stages are compiled in a child process with "
                   f"`XLA_FLAGS={LICM_OFF}`: XLA:CPU has no bf16 matmul, converts bf16 weights to f32, and "
