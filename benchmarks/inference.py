@@ -34,7 +34,6 @@ import datetime
 import functools
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -49,19 +48,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from report import machine  # noqa: E402  (benchmarks/report.py)
+
 GIB = 2 ** 30
 TEXT_ID = 100  # any plain-text id: values never change shapes
 
 
-def machine() -> str:
-    cpu = "unknown"
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, 1-min load {load:.2f}; jax {jax.__version__} "
-            f"({jax.default_backend()})")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,8 @@ if str(_REPO) not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from report import machine, mib  # noqa: E402  (benchmarks/report.py)
 
 from lance_jax.models import vae as V  # noqa: E402
 
@@ -63,19 +64,8 @@ def nbytes(tree) -> int:
     return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
-def machine() -> str:
-    cpu = "unknown"
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, load {load:.2f}, jax {jax.__version__} "
-            f"({jax.default_backend()})")
 
 
-def mib(b: float) -> str:
-    return f"{b / 2**20:.2f}"
 
 
 def ms(s: float) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -35,6 +34,8 @@ if str(_REPO) not in sys.path:
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+from report import machine, mib  # noqa: E402  (benchmarks/report.py)
 
 from lance_jax.models import vit as V  # noqa: E402
 from lance_jax.models import vit_layout as L  # noqa: E402
@@ -66,18 +67,8 @@ def peak_bytes(cfg: V.VitConfig, shapes: dict, grid, layout: str) -> dict:
     return dict(temp=temp, arg=arg, out=out, peak=temp + arg + out)
 
 
-def machine() -> str:
-    cpu = "unknown"
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return (f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, jax {jax.__version__} "
-            f"({jax.default_backend()})")
 
 
-def mib(b: float) -> str:
-    return f"{b / 2**20:.2f}"
 
 
 def main(argv=None):
