@@ -21,7 +21,9 @@ def model_config(name: str) -> ml_collections.ConfigDict:
 def base(model: str = "lance_3b_video") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = model_config(model)
-    c.init = ml_collections.ConfigDict(dict(params=""))  # '' = random init; a reference checkpoint folder
+    # params: '' = random init | a reference checkpoint folder; ckpt: a converted (to-jax) checkpoint (its model
+    # config + Lance params; model_overrides: ModelConfig fields changed on top, e.g. remat_policy)
+    c.init = ml_collections.ConfigDict(dict(params="", ckpt="", model_overrides={}))
     c.optimizer = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=500, schedule="constant", total_steps=500_000,
                                                  min_lr=1e-6, b1=0.9, b2=0.95, eps=1e-15, clip_norm=1.0,
                                                  weight_decay=0.0))
@@ -34,7 +36,10 @@ def base(model: str = "lance_3b_video") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         seed=2026, batch_size=8, token_budget=TOKENS_PER_RANK, drop_overflow=True,
         capacities=dict(und=32768, gen=32768, ce=4096, vit=16384),
-        max_bad_fraction=0.05, min_records_for_report=100, fail_on_bad_shard=False, groups=[]))
+        max_bad_fraction=0.05, min_records_for_report=100, fail_on_bad_shard=False, groups=[],
+        # real-media records (media_records.py): a tokenizer folder / converted checkpoint, and the converted
+        # checkpoint holding the frozen ViT + VAE ('@init' = init.ckpt); '' tokenizer = byte-id smoke path
+        tokenizer="", encoder_ckpt="", encoder_dtype=""))
     return c
 
 

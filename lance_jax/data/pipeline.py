@@ -27,6 +27,7 @@ import grain
 import numpy as np
 
 from lance_jax.data import media as M
+from lance_jax.data import media_records as MR
 from lance_jax.data import pack as PK
 from lance_jax.data import records as R
 from lance_jax.packing import Capacities
@@ -87,8 +88,8 @@ def byte_ids(text: str, vocab: int) -> list[int]:
 class Builder:
     """random_map transform: canonical row or synthetic spec -> sample record, or a `{"_bad": ...}` marker."""
 
-    def __init__(self, group, cfg):
-        self.g, self.cfg = group, cfg
+    def __init__(self, group, cfg, media=None):
+        self.g, self.cfg, self.media = group, cfg, media  # media: a `media_records.MediaRecordBuilder` or None
         self.vocab = min(cfg.vocab_size_eff, cfg.pad_token_id)
 
     def __call__(self, row: dict, rng: np.random.Generator) -> dict:
@@ -96,6 +97,8 @@ class Builder:
         if "_bad" in row:
             return {"_bad": row["_bad"], "_source": source}
         try:
+            if self.media is not None and "task" not in row:
+                return self.media(row, rng, source=source)
             spec = row if "task" in row else self.spec_from_row(row, rng)
             return R.synthetic_record(spec, self.cfg, rng, text_drop=self.g.get("text_drop", 0.1),
                                       vit_drop=self.g.get("vit_drop", 0.1), text_vocab=self.vocab, source=source)
@@ -105,9 +108,9 @@ class Builder:
     def spec_from_row(self, row: dict, rng) -> dict:
         """Canonical row -> spec: decode media (validates them), bucket sizes -> grids, text -> ids.
 
-        Text uses `byte_ids` and the latents are random (first version); the real path renders the chat
-        template with `lance_jax.sequence` and takes VAE latents / ViT embeddings from the device encoders or
-        the row's pre-encoded `vae_mu`/`vit_embed`.
+        Text uses `byte_ids` and the latents are random (the tokenizer-free smoke path); with `data.tokenizer`
+        set, rows go through `media_records.MediaRecordBuilder` instead (chat template via `lance_jax.sequence`,
+        frozen VAE / ViT or the row's pre-encoded `vae_mu` / `vit_embed`).
         """
         g, els = self.g, row["elements"]
         tgt = max((i for i, e in enumerate(els) if e.get("is_target_candidate")), default=len(els) - 1)
@@ -237,7 +240,7 @@ def make_dataset(data_cfg, cfg, *, process_index: int = 0, process_count: int = 
         ds = grain.MapDataset.source(make_source(g, seed))
         ds = ds[process_index::process_count]
         ds = ds.shuffle(seed=seed + 7919 * gi).repeat()
-        ds = ds.random_map(Builder(g, cfg), seed=seed + 104729 * (gi + 1))
+        ds = ds.random_map(Builder(g, cfg, MR.make_builder(g, cfg, data_cfg)), seed=seed + 104729 * (gi + 1))
         groups.append(ds)
         weights.append(float(g.get("weight", 1.0)))
     mixed = groups[0] if len(groups) == 1 else grain.MapDataset.mix(groups, weights)

@@ -3,7 +3,8 @@
   python -m lance_jax.data.write_shards --input DIR_OR_JSONL --out OUT [--rows-per-shard N] [--row-group-size N]
 
 Inputs:
-  * a folder of media files, each with an optional same-stem `.txt` caption (image/video -> text2image/video);
+  * a folder of media files, each with an optional same-stem `.txt` caption (image/video -> text2image/video),
+    plus the rows of any `.jsonl` files in it (format below; media paths relative to the folder);
   * a folder of reference Parquet files (any of the six local layouts; adapted, media copied inline);
   * a `.jsonl` file, one object per line, either {"elements": [...canonical elements...], ...} with `media`
     given as a path (relative to the jsonl) or {"caption"/"image"/"video"/"input_image"/"output_image"/
@@ -60,6 +61,9 @@ def rows_from_folder(folder: str):
         return
     for n in names:
         stem, ext = os.path.splitext(n)
+        if ext.lower() == ".jsonl":  # QA / edit / interleaved rows next to the captioned media
+            yield from rows_from_jsonl(os.path.join(folder, n))
+            continue
         kind = "image" if ext.lower() in IMAGE_EXT else "video" if ext.lower() in VIDEO_EXT else None
         if kind is None:
             continue

@@ -1,7 +1,8 @@
 """The training loop behind `train.py`: config -> model, optimizer, state, data, checkpoints; resume.
 
 Config sections (see configs/train/*.py): model (ModelConfig fields), init (params: '' random | reference
-folder), optimizer, freeze, ema_decay, mesh, data (pipeline.make_dataset), train (steps, log_every,
+folder; ckpt: a `convert_weights.py to-jax` folder, whose model config and Lance params are used; then
+`init.model_overrides` adjusts the config), optimizer, freeze, ema_decay, mesh, data (pipeline.make_dataset), train (steps, log_every,
 save_every, keep, seed, timesteps). Re-running the same command with the same workdir resumes from the
 latest checkpoint (params, optimizer, EMA, step, rng and the data iterator state).
 """
@@ -31,9 +32,9 @@ log = logging.getLogger("lance_jax.train")
 
 def build(config, *, mesh=None):
     """(cfg, mesh, tx, schedule, mask, state, shardings, jitted step, data iterator, example batch abstract)."""
-    cfg = model_config_from_dict(config.model)
+    cfg = model_config(config)
     mesh = mesh or S.make_mesh(dict(config.mesh))
-    it = PL.make_iterator(config.data, cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    it = PL.make_iterator(data_config(config), cfg, process_index=jax.process_index(), process_count=jax.process_count())
     first = next(it)  # shapes; the iterator is rewound below
     it.set_state(_initial_state(config, cfg))
     batch_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct((config.data.batch_size,) + x.shape[1:], x.dtype), first)
@@ -43,7 +44,11 @@ def build(config, *, mesh=None):
     mask = F.trainable_mask(nn.unbox(boxed), config.freeze)
     tx, schedule = O.make_optimizer(config.optimizer, mask)
     params = None
-    if config.init.get("params", ""):
+    if config.init.get("ckpt", ""):
+        from lance_jax.convert import converter
+
+        params = converter.restore_params(config.init.ckpt)["lance"]
+    elif config.init.get("params", ""):
         from lance_jax.convert import load_reference_params
 
         params = load_reference_params(config.init.params, cfg)
@@ -58,8 +63,32 @@ def build(config, *, mesh=None):
                 step=jstep, data=it, batch_abstract=batch_abstract)
 
 
+def model_config(config):
+    """The ModelConfig: a converted checkpoint's (`init.ckpt`, with `init.model_overrides`) or `config.model`."""
+    if config.init.get("ckpt", ""):
+        from lance_jax.convert import converter
+
+        return converter.checkpoint_config(config.init.ckpt, **dict(config.init.get("model_overrides", None) or {}))
+    return model_config_from_dict(config.model)
+
+
+def data_config(config):
+    """config.data with '@init' in `tokenizer` / `encoder_ckpt` replaced by `init.ckpt`."""
+    data = config.data
+    if any(data.get(k, "") == "@init" for k in ("tokenizer", "encoder_ckpt")):
+        ckpt = config.init.get("ckpt", "")
+        if not ckpt:
+            raise ValueError("data.tokenizer / data.encoder_ckpt = '@init' needs init.ckpt (a converted checkpoint)")
+        data = data.copy_and_resolve_references()
+        with data.unlocked():
+            for k in ("tokenizer", "encoder_ckpt"):
+                if data.get(k, "") == "@init":
+                    data[k] = ckpt
+    return data
+
+
 def _initial_state(config, cfg):
-    return PL.make_iterator(config.data, cfg, process_index=jax.process_index(),
+    return PL.make_iterator(data_config(config), cfg, process_index=jax.process_index(),
                             process_count=jax.process_count()).get_state()
 
 
@@ -68,10 +97,10 @@ def global_batch(batch, mesh, shardings_of):
     return {k: jax.make_array_from_process_local_data(shardings_of[k], v) for k, v in batch.items()}
 
 
-def run(config, workdir: str, *, progress: bool = True, console=print) -> dict:
-    """Train until config.train.steps; returns the last logged metrics."""
+def run(config, workdir: str, *, progress: bool = True, console=print, mesh=None) -> dict:
+    """Train until config.train.steps; returns the last logged metrics. mesh: default from config.mesh."""
     os.makedirs(workdir, exist_ok=True)
-    b = build(config)
+    b = build(config, mesh=mesh)
     mesh, state, jstep, it = b["mesh"], b["state"], b["step"], b["data"]
     ckpt = C.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep))
     if ckpt.latest_step() is not None:
