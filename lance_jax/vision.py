@@ -221,3 +221,34 @@ def preprocess_video(frames, side: int = VIT_PRESETS["video_480p"]):
     if frames.ndim != 4:
         raise ValueError(f"video frames must be (T, H, W, 3), got shape {frames.shape}")
     return preprocess_frames(frames, side)
+
+
+# ----------------------------------------------------------------------------------------------
+# Media -> encoder inputs (shared by inference and training data)
+# ----------------------------------------------------------------------------------------------
+
+
+def floor_frames(n: int) -> int:
+    """Pixel frames floored to 4k+1 (VAE temporal stride 4)."""
+    if n < 1:
+        raise ValueError(f"need at least one frame, got {n}")
+    return 4 * ((int(n) - 1) // 4) + 1
+
+
+def vae_pixels(frames: np.ndarray, side: int) -> np.ndarray:
+    """uint8 frames (F, H, W, 3) -> VAE input (3, F', H', W') in [-1, 1] (bucket of `side`, stride 16)."""
+    frames = np.asarray(frames)
+    frames = frames[: floor_frames(len(frames))]
+    from lance_jax import media
+
+    return media.to_vae_pixels(resize_frames(frames, side, divisor=16))
+
+
+def vit_inputs(frames: np.ndarray, side: int):
+    """uint8 frames (F, H, W, 3) -> (patches (N, patch_dim), grid_thw (1, 3) int32)."""
+    frames = np.asarray(frames)
+    if len(frames) == 1:
+        patches, grid, _ = preprocess_image(frames[0], side)
+    else:
+        patches, grid, _ = preprocess_video(frames, side)
+    return patches, grid

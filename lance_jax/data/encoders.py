@@ -1,13 +1,8 @@
 """Frozen media encoders for training data: the VAE (posterior sample) and the ViT of a converted checkpoint,
 run host-side (jitted) once per record before packing ("precomputed latents" path, 50 §2.5).
 
-Shared preprocessing (also what `pipelines.runner.LanceRunner._vae_frames` / `_vit_inputs` / `_vae_encode`
-do at inference; the runner could call these and wrap ValueError in its InferenceError):
-  * `vae_pixels(frames, side)`: uint8 (F, H, W, 3) -> (3, F', H', W') in [-1, 1] at the bucket of `side`,
-    F' floored to 4k+1, H', W' multiples of 16;
-  * `vit_inputs(frames, side)`: uint8 frames -> (patches, grid_thw (1, 3)) (images: frame duplicated);
-  * `load_encoders(ckpt)`: (vit_cfg, vit_params, vae_cfg, vae_params) from a `convert_weights.py to-jax`
-    folder's manifest + items.
+Media -> encoder inputs is `vision.vae_pixels` / `vision.vit_inputs` (shared with inference);
+`load_encoders(ckpt)` gives (vit_cfg, vit_params, vae_cfg, vae_params) from a converted checkpoint.
 """
 from __future__ import annotations
 
@@ -18,32 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lance_jax import media as _media
-from lance_jax import vision
-
-
-def floor_frames(n: int) -> int:
-    """Pixel frames floored to 4k+1 (VAE temporal stride 4)."""
-    if n < 1:
-        raise ValueError(f"need at least one frame, got {n}")
-    return 4 * ((int(n) - 1) // 4) + 1
-
-
-def vae_pixels(frames: np.ndarray, side: int) -> np.ndarray:
-    """uint8 frames (F, H, W, 3) -> VAE input (3, F', H', W') in [-1, 1] (bucket of `side`, stride 16)."""
-    frames = np.asarray(frames)
-    frames = frames[: floor_frames(len(frames))]
-    return _media.to_vae_pixels(vision.resize_frames(frames, side, divisor=16))
-
-
-def vit_inputs(frames: np.ndarray, side: int):
-    """uint8 frames (F, H, W, 3) -> (patches (N, patch_dim), grid_thw (1, 3) int32)."""
-    frames = np.asarray(frames)
-    if len(frames) == 1:
-        patches, grid, _ = vision.preprocess_image(frames[0], side)
-    else:
-        patches, grid, _ = vision.preprocess_video(frames, side)
-    return patches, grid
 
 
 def load_encoders(ckpt: str, *, dtype: str | None = None):

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from lance_jax import sequence as SQ
+from lance_jax import vision
 from lance_jax.data import encoders as E
 from lance_jax.data import media as M
 from lance_jax.data import records as R
@@ -74,7 +75,7 @@ class MediaRecordBuilder:
             return mu + np.exp(0.5 * logvar) * eps
         if self.enc is None:
             raise ValueError("media element without pre-encoded latents and no encoder checkpoint (data.encoder_ckpt)")
-        pixels = E.vae_pixels(self._frames(e, cache), self.vae_side)
+        pixels = vision.vae_pixels(self._frames(e, cache), self.vae_side)
         return self.enc.vae(pixels, key=jax.random.PRNGKey(seed))
 
     def _vit(self, e, cache) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -85,7 +86,7 @@ class MediaRecordBuilder:
             return emb.reshape(-1, self.cfg.vit_out_hidden_size), grid
         if self.enc is None:
             raise ValueError("media element without a pre-encoded ViT embedding and no encoder checkpoint")
-        patches, grid = E.vit_inputs(self._frames(e, cache), self.vit_side)
+        patches, grid = vision.vit_inputs(self._frames(e, cache), self.vit_side)
         return self.enc.vit(patches, grid), tuple(int(x) for x in np.asarray(grid).reshape(-1))
 
     # -- records ----------------------------------------------------------------------------------

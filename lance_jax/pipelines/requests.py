@@ -193,11 +193,13 @@ class TextResult:
 
 
 def floor_frames(frames: int) -> int:
-    """Pixel frames floored to 4k+1 (30 §5, quirk 7)."""
-    frames = int(frames)
-    if frames < 1:
-        raise InferenceError(f"frames must be >= 1, got {frames}")
-    return 4 * ((frames - 1) // 4) + 1
+    """Pixel frames floored to 4k+1 (30 §5, quirk 7); InferenceError for fewer than one."""
+    from lance_jax import vision
+
+    try:
+        return vision.floor_frames(frames)
+    except ValueError as err:
+        raise InferenceError(str(err)) from None
 
 
 def latent_frames(frames: int) -> int:

@@ -11,7 +11,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from lance_jax import media
+from lance_jax import media, vision
 from lance_jax.pipelines.requests import (
     DEFAULT_CONTEXT_BUDGET, DEFAULT_FRAMES, DEFAULT_SIZE, GenerationResult, GenerationSettings, InferenceError, NEEDS_VAE, NEEDS_VIT, Request, TASKS, TextResult, TextSettings, UNDERSTANDING_TASKS, _Timer, _load_media, _path_or_array, _seed, check_request, floor_frames, latent_frames, parse_mesh, resolve_resolution,
 )
@@ -220,25 +220,16 @@ class LanceRunner:
 
     def _vae_frames(self, frames: np.ndarray, side: int) -> np.ndarray:
         """uint8 frames -> VAE input (3, F, H, W) in [-1, 1] at the bucket of `side` (F kept 4k+1)."""
-        from lance_jax.vision import resize_frames
-
-        frames = frames[: floor_frames(len(frames))]
         try:
-            return media.to_vae_pixels(resize_frames(frames, side, divisor=16))
+            return vision.vae_pixels(frames, side)
         except ValueError as err:
             raise InferenceError(f"cannot resize the input: {err}") from None
 
     def _vit_inputs(self, frames: np.ndarray, side: int):
-        from lance_jax.vision import preprocess_image, preprocess_video
-
         try:
-            if len(frames) == 1:
-                patches, grid, _ = preprocess_image(frames[0], side)
-            else:
-                patches, grid, _ = preprocess_video(frames, side)
+            return vision.vit_inputs(frames, side)
         except ValueError as err:
             raise InferenceError(f"cannot preprocess the input for the ViT: {err}") from None
-        return patches, grid
 
     # -- device stages -----------------------------------------------------------------------------------
     def _vit(self, patches, grid) -> np.ndarray:
