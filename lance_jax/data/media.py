@@ -35,14 +35,11 @@ def video_info(data: bytes) -> tuple[int, float, int, int]:
         return int(frames), float(fps or 24), int(s.codec_context.height), int(s.codec_context.width)
 
 
-def frame_count(total_frames: int, fps: float, max_duration: float, sample_fps: float = 12.0) -> int:
-    """4k+1 frames of the `multi_clips` sampler (50 §2.2)."""
-    d = min(total_frames / fps, max_duration)
-    n = round(sample_fps * d)
-    n = 4 * (n // 4) + 1 if n % 4 else 4 * (n // 4) + 1 - 4
-    if n < 1:
-        raise ValueError(f"video too short ({total_frames} frames at {fps} fps)")
-    return n
+def frame_count(total_frames: int, fps: float, max_duration: float, sample_fps: int = 12) -> int:
+    """4k+1 frames of the 12 fps sampler (50 §2.2, 30 §9.3), the same one inference uses."""
+    from lance_jax import media
+
+    return media.sample_count(total_frames, round(fps), sample_fps, max_duration)
 
 
 def frame_indices(total_frames: int, n: int) -> np.ndarray:
