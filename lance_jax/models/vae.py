@@ -187,6 +187,13 @@ class UpStage(nn.Module):
         return h + dup_up_3d(x.astype(h.dtype), self.features, 2 if self.t_up else 1, 2, first_chunk=mode != "next")
 
 
+def _middle(x, features: int, kw: dict, mode: str):
+    """Residual, attention, residual (40 §A.4-A.5), as submodules middle_0..2 of the calling module."""
+    x = ResidualBlock(features, name="middle_0", **kw)(x, mode)
+    x = AttentionBlock(name="middle_1", **kw)(x)
+    return ResidualBlock(features, name="middle_2", **kw)(x, mode)
+
+
 class Encoder(nn.Module):
     """Encoder3d (§A.4): patchified (N, T, H/2, W/2, 12) -> (N, t, h, w, 2*z_dim)."""
 
@@ -201,9 +208,7 @@ class Encoder(nn.Module):
         for i, cout in enumerate(dims[1:]):
             t_down = i < len(cfg.temperal_downsample) and bool(cfg.temperal_downsample[i])
             x = DownStage(cfg, cout, t_down, i != n_stages - 1, name=f"downsamples_{i}")(x, mode)
-        x = ResidualBlock(dims[-1], name="middle_0", **kw)(x, mode)
-        x = AttentionBlock(name="middle_1", **kw)(x)
-        x = ResidualBlock(dims[-1], name="middle_2", **kw)(x, mode)
+        x = _middle(x, dims[-1], kw, mode)
         x = silu_f32(RMSNorm(kw["param_dtype"], name="head_0")(x))
         return CausalConv3d(2 * cfg.z_dim, name="head_2", **kw)(x, mode)
 
@@ -219,9 +224,7 @@ class Decoder(nn.Module):
         dims = cfg.decoder_dims
         n_stages = len(cfg.dim_mult)
         x = CausalConv3d(dims[0], name="conv1", **kw)(x, mode)
-        x = ResidualBlock(dims[0], name="middle_0", **kw)(x, mode)
-        x = AttentionBlock(name="middle_1", **kw)(x)
-        x = ResidualBlock(dims[0], name="middle_2", **kw)(x, mode)
+        x = _middle(x, dims[0], kw, mode)
         for i, cout in enumerate(dims[1:]):
             t_up = i < len(cfg.temperal_upsample) and bool(cfg.temperal_upsample[i])
             x = UpStage(cfg, cout, t_up, i != n_stages - 1, name=f"upsamples_{i}")(x, mode)
