@@ -138,9 +138,7 @@ class VisionWriters:
         if self.ref.get("vit_config"):
             from lance_jax.models.vit import VitConfig
 
-            raw = dict(self.ref["vit_config"])
-            raw["fullatt_block_indexes"] = tuple(raw["fullatt_block_indexes"])
-            self.vit_cfg = VitConfig(**raw)
+            self.vit_cfg = VitConfig(**self.ref["vit_config"])  # __post_init__ restores tuples
 
     def _vit_reader(self, item: str, prefix: str):
         from lance_jax.convert.converter import ItemReader
@@ -176,8 +174,7 @@ class VisionWriters:
         from lance_jax.convert.vae_keys import vae_key_table
         from lance_jax.models.vae import VaeConfig
 
-        raw = dict(self.ref["vae_config"])
-        cfg = VaeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        cfg = VaeConfig(**self.ref["vae_config"])  # __post_init__ restores tuples
         reader = ItemReader(self.ckpt, "vae", vae_key_table(cfg))
         path = os.path.join(tmp, self.ref["vae_path"])
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -26,9 +26,7 @@ def load_encoders(ckpt: str, *, dtype: str | None = None):
     items = manifest.get("items", [])
     vit_cfg = vit_params = vae_cfg = vae_params = None
     if "vit" in items and ref.get("vit_config"):
-        raw = dict(ref["vit_config"], fullatt_block_indexes=tuple(ref["vit_config"]["fullatt_block_indexes"]))
-        if dtype:
-            raw["dtype"] = dtype
+        raw = dict(ref["vit_config"], **({"dtype": dtype} if dtype else {}))
         vit_cfg, vit_params = VitConfig(**raw), orbax_io.restore(os.path.join(ckpt, "vit"), None)
     if "vae" in items and ref.get("vae_config"):
         raw = dict(ref["vae_config"], **({"dtype": dtype} if dtype else {}))

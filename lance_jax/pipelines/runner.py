@@ -121,8 +121,7 @@ class LanceRunner:
         raw = self.manifest.get("reference", {}).get("vit_config")
         if params is None or not raw:
             return None, None
-        raw = dict(raw, fullatt_block_indexes=tuple(raw["fullatt_block_indexes"]), dtype=self.dtype)
-        return VitConfig(**raw), self._cast(params, param_dtype)
+        return VitConfig(**dict(raw, dtype=self.dtype)), self._cast(params, param_dtype)
 
     def _load_vae(self, params, path, param_dtype):
         from lance_jax.models.vae import VaeConfig, load_vae_config, load_vae_params

@@ -40,7 +40,7 @@ def build(config, *, mesh=None):
     batch_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct((config.data.batch_size,) + x.shape[1:], x.dtype), first)
     example = jax.tree.map(lambda x: np.zeros((1,) + x.shape[1:], x.dtype), first)
     example.pop("gen_item", None)
-    boxed = St.abstract_boxed_params(cfg, example)
+    boxed = S.abstract_params(cfg, example)
     mask = F.trainable_mask(nn.unbox(boxed), config.freeze)
     tx, schedule = O.make_optimizer(config.optimizer, mask)
     params = None

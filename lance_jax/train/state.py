@@ -11,7 +11,6 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lance_jax import sharding as S
-from lance_jax.models.lance import init_params
 
 
 @flax.struct.dataclass
@@ -32,10 +31,6 @@ class TrainState:
     @property
     def applied(self):
         return self.step - self.skipped
-
-
-def abstract_boxed_params(cfg, example_batch):
-    return jax.eval_shape(lambda r: init_params(cfg, r, example_batch), jax.random.PRNGKey(0))
 
 
 def state_shardings(abstract_state: TrainState, boxed_abstract, tx: optax.GradientTransformation, mesh) -> TrainState:
@@ -69,8 +64,7 @@ def like_params(tree, param_shardings, default):
 
 def create_state(cfg, tx, mesh, example_batch, *, seed: int, use_ema: bool, params=None):
     """(state, shardings). params: an unboxed fp32 tree (e.g. converted reference weights) or None (random init)."""
-    boxed = abstract_boxed_params(cfg, example_batch)
-    p_sh = S.param_shardings(boxed, mesh)  # outside use_mesh: unbox must not add sharding constraints
+    boxed, p_sh = S.param_plan(cfg, mesh, example_batch=example_batch)  # outside use_mesh (no unbox constraints)
     rng = jax.random.PRNGKey(seed)
 
     def build(params):
@@ -81,11 +75,10 @@ def create_state(cfg, tx, mesh, example_batch, *, seed: int, use_ema: bool, para
 
     abstract = jax.eval_shape(build, nn.unbox(boxed))
     shardings = state_shardings(abstract, boxed, tx, mesh)
+    if params is None:
+        params, _ = S.init_params_sharded(cfg, mesh, jax.random.fold_in(rng, 1), example_batch=example_batch)
+    else:
+        params = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), p_sh)
     with S.use_mesh(mesh):
-        if params is None:
-            params = jax.jit(lambda r: nn.unbox(init_params(cfg, r, example_batch)), out_shardings=p_sh)(
-                jax.random.fold_in(rng, 1))
-        else:
-            params = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), p_sh)
         state = jax.jit(build, out_shardings=shardings)(params)
     return state, shardings
