@@ -19,6 +19,7 @@ import ml_collections
 
 ATTENTION_IMPLS = ("auto", "dense", "blockwise")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+LATENT_STRIDES = {"wan2.2": 16, "pixel": 4}  # spatial compression of each autoencoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,9 @@ class ModelConfig:
     mse_weight: float = 1.0
     timestep_embed_dim: int = 256
     vit_out_hidden_size: int = 2048
+    # Pixel <-> latent codec: 'wan2.2' (the released VAE: 16x spatial, 4x temporal) or 'pixel' (parameter-free
+    # 4x4 space-to-depth of RGB = 48 channels, 4x temporal by keyframes; the CPU demo's, models/pixel_autoencoder.py).
+    autoencoder: str = "wan2.2"
 
     # Execution (not part of the checkpoint).
     dtype: str = "float32"  # activation / compute dtype
@@ -85,6 +89,10 @@ class ModelConfig:
             raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+        if self.autoencoder not in LATENT_STRIDES:
+            raise ValueError(f"autoencoder {self.autoencoder!r} not in {sorted(LATENT_STRIDES)}")
+        if self.autoencoder == "pixel" and self.latent_channels != 48:
+            raise ValueError(f"the pixel autoencoder gives 4*4*3 = 48 latent channels, not {self.latent_channels}")
         if self.vocab_size_eff > self.vocab_size:
             raise ValueError(f"vocab_size_eff {self.vocab_size_eff} exceeds vocab_size {self.vocab_size}")
 
@@ -92,6 +100,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         # The reference always derives it; a `head_dim` json field is ignored (10-backbone §0).
         return self.hidden_size // self.num_heads
+
+    @property
+    def latent_stride(self) -> int:
+        """Pixels per latent token side (before `latent_patch_size`)."""
+        return LATENT_STRIDES[self.autoencoder]
 
     @property
     def max_latent_frames(self) -> int:
@@ -239,15 +252,43 @@ def load_reference_config(model_dir: str, **overrides) -> ModelConfig:
 
 
 def config_dict_from_file(path: str) -> ml_collections.ConfigDict:
-    """Run a Python config file's `get_config()`."""
+    """Run a Python config file's `get_config()`; `FILE:ARG` passes ARG to it (as ml-collections does)."""
     import importlib.util
 
+    arg = None
+    if ":" in path and not os.path.exists(path):
+        path, arg = path.split(":", 1)
     spec = importlib.util.spec_from_file_location("lance_config_file", path)
     if spec is None or spec.loader is None:
         raise FileNotFoundError(f"cannot load config file {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+    """Apply `--config.a.b=VALUE` strings in place (VALUE read as a Python literal, else as a string);
+    the field must exist, and ConfigDict keeps its type (an int stays an int)."""
+    import ast
+
+    for item in overrides:
+        if not item.startswith("--config.") or "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form --config.path.to.field=VALUE")
+        dotted, raw = item[len("--config."):].split("=", 1)
+        *parents, leaf = dotted.split(".")
+        node = config
+        for name in parents:
+            if name not in node:
+                raise KeyError(f"override {item!r}: no config field {name!r}")
+            node = node[name]
+        if leaf not in node:
+            raise KeyError(f"override {item!r}: no config field {dotted!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node[leaf] = value
+    return config
 
 
 def _show_config_cli() -> None:

@@ -16,21 +16,23 @@ import numpy as np
 
 
 def load_encoders(ckpt: str, *, dtype: str | None = None):
-    """(vit_cfg, vit_params, vae_cfg, vae_params) of a converted checkpoint (None, None for a missing item)."""
+    """(vit_cfg, vit_params, codec_cfg, codec_params) of a converted checkpoint (None, None for a missing item);
+    the codec is the one its model config names (`autoencoder`: the Wan VAE or the pixel autoencoder)."""
+    from lance_jax.config import model_config_from_dict
     from lance_jax.convert import converter, orbax_io
-    from lance_jax.models.vae import VaeConfig
+    from lance_jax.models.autoencoder import codec
     from lance_jax.models.vit import VitConfig
 
     manifest = converter.read_manifest(ckpt)
     ref = manifest.get("reference", {})
     items = manifest.get("items", [])
-    vit_cfg = vit_params = vae_cfg = vae_params = None
+    vit_cfg = vit_params = None
     if "vit" in items and ref.get("vit_config"):
         raw = dict(ref["vit_config"], **({"dtype": dtype} if dtype else {}))
         vit_cfg, vit_params = VitConfig(**raw), orbax_io.restore(os.path.join(ckpt, "vit"), None)
-    if "vae" in items and ref.get("vae_config"):
-        raw = dict(ref["vae_config"], **({"dtype": dtype} if dtype else {}))
-        vae_cfg, vae_params = VaeConfig(**raw), orbax_io.restore(os.path.join(ckpt, "vae"), None)
+    vae_params = orbax_io.restore(os.path.join(ckpt, "vae"), None) if "vae" in items else None
+    vae_cfg, vae_params = codec(model_config_from_dict(manifest["model_config"]), ref.get("vae_config"), vae_params,
+                                dtype=dtype or (ref.get("vae_config") or {}).get("dtype", "float32"))
     return vit_cfg, vit_params, vae_cfg, vae_params
 
 
@@ -54,11 +56,10 @@ class FrozenEncoders:
         training `vae_encode`), or the mean when key is None."""
         if self.vae_params is None:
             raise ValueError(f"checkpoint {self.ckpt} has no VAE")
-        from lance_jax.models import vae
+        from lance_jax.models.autoencoder import encode_latent
 
-        enc = vae.encode(self.vae_params, jnp.asarray(pixels), self.vae_cfg)
-        z = vae.sample_latent(enc.mu, enc.logvar, key=key) if key is not None else jnp.moveaxis(enc.mu, 0, -1)
-        return np.asarray(jax.device_get(z), np.float32)
+        return np.asarray(jax.device_get(encode_latent(self.vae_params, jnp.asarray(pixels), self.vae_cfg, key)),
+                          np.float32)
 
 
 @functools.lru_cache(maxsize=4)

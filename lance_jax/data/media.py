@@ -47,10 +47,11 @@ def frame_indices(total_frames: int, n: int) -> np.ndarray:
     return np.floor(np.linspace(0, total_frames - 1, n)).astype(np.int64)
 
 
-def latent_grid(frames: int, height: int, width: int, side: int) -> tuple[int, int, int]:
-    """VAE latent tokens (t, h, w) of a media item resized to its bucket at area side^2 (stride 16, crop 16)."""
+def latent_grid(frames: int, height: int, width: int, side: int, stride: int = 16) -> tuple[int, int, int]:
+    """Latent tokens (t, h, w) of a media item resized to its bucket at area side^2 (bucket stride 16) for a
+    codec of spatial compression `stride` (16: the Wan VAE, 4: the pixel autoencoder)."""
     h, w = vision.choose_bucket(height, width, side)
-    return ((frames - 1) // 4 + 1, h // 16, w // 16)
+    return ((frames - 1) // 4 + 1, h // stride, w // stride)
 
 
 def vit_grid(frames: int, height: int, width: int, side: int) -> tuple[int, int, int]:

@@ -131,11 +131,11 @@ class Builder:
                         answer_ids=byte_ids(target["text"], self.vocab))
         else:
             kind = target["type"]
-            spec.update(latent_grid=M.latent_grid(*sizes[-1], vae_side),
+            spec.update(latent_grid=M.latent_grid(*sizes[-1], vae_side, self.cfg.latent_stride),
                         caption_ids=byte_ids(" ".join(t["text"] or "" for t in texts), self.vocab))
             if media:
                 spec.update(task="i2i" if kind == "image" else "v2v", vit_grid=M.vit_grid(*sizes[0], vit_side),
-                            cond_latent_grid=M.latent_grid(*sizes[0], vae_side))
+                            cond_latent_grid=M.latent_grid(*sizes[0], vae_side, self.cfg.latent_stride))
             else:
                 spec["task"] = "t2i" if kind == "image" else "t2v"
         return spec

@@ -299,9 +299,10 @@ def check_request(req: Request, cfg=None) -> None:
             raise InferenceError(f"{where}: size {height}x{width} is below 16 px")
         if cfg is not None:
             t = latent_frames(floor_frames(req.frames or DEFAULT_FRAMES)) if task == "t2v" else 1
-            if height // 16 > cfg.max_latent_size or width // 16 > cfg.max_latent_size:
+            stride = cfg.latent_stride
+            if height // stride > cfg.max_latent_size or width // stride > cfg.max_latent_size:
                 raise InferenceError(f"{where}: {height}x{width} exceeds the checkpoint's latent position table "
-                                     f"(at most {16 * cfg.max_latent_size} px per side)")
+                                     f"(at most {stride * cfg.max_latent_size} px per side)")
             if t > cfg.max_latent_frames:
                 raise InferenceError(f"{where}: {4 * (t - 1) + 1} frames exceed the checkpoint's "
                                      f"{4 * (cfg.max_latent_frames - 1) + 1} (max_num_frames {cfg.max_num_frames})")

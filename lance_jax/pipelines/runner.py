@@ -124,17 +124,17 @@ class LanceRunner:
         return VitConfig(**dict(raw, dtype=self.dtype)), self._cast(params, param_dtype)
 
     def _load_vae(self, params, path, param_dtype):
+        from lance_jax.models.autoencoder import codec
         from lance_jax.models.vae import VaeConfig, load_vae_config, load_vae_params
 
-        if path:
+        if path and self.cfg.autoencoder != "pixel":
             folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
             has_cfg = os.path.isfile(os.path.join(folder, "vae_config.json"))
             cfg = load_vae_config(folder, dtype=self.dtype) if has_cfg else VaeConfig(dtype=self.dtype)
             return cfg, self._cast(load_vae_params(path, cfg), param_dtype)
         raw = self.manifest.get("reference", {}).get("vae_config")
-        if params is None or not raw:
-            return None, None
-        return VaeConfig(**dict(raw, dtype=self.dtype)), self._cast(params, param_dtype)
+        cfg, params = codec(self.cfg, raw, params, dtype=self.dtype)
+        return cfg, (params if cfg is None else self._cast(params, param_dtype))
 
     @property
     def has_vit(self) -> bool:
@@ -186,10 +186,10 @@ class LanceRunner:
         t, h, w = grid
         cfg = self.cfg
         if min(grid) < 1:
-            raise InferenceError(f"{what}: latent grid {grid} is empty (sides must be >= 16 px)")
+            raise InferenceError(f"{what}: latent grid {grid} is empty (sides must be >= {cfg.latent_stride} px)")
         if h > cfg.max_latent_size or w > cfg.max_latent_size:
             raise InferenceError(f"{what}: latent grid {h}x{w} exceeds the checkpoint's {cfg.max_latent_size}x"
-                                 f"{cfg.max_latent_size} latent position table (at most {16 * cfg.max_latent_size} px "
+                                 f"{cfg.max_latent_size} latent position table (at most {cfg.latent_stride * cfg.max_latent_size} px "
                                  f"per side)")
         if t > cfg.max_latent_frames:
             raise InferenceError(f"{what}: {t} latent frames ({4 * (t - 1) + 1} pixel frames) exceed the checkpoint's "
@@ -238,21 +238,22 @@ class LanceRunner:
 
     def _vae_encode(self, pixels: np.ndarray, settings: GenerationSettings) -> np.ndarray:
         """(3, F, H, W) -> (t, h, w, 48) latent (posterior sample with posterior_seed, or the mean)."""
-        import jax.numpy as jnp
+        from lance_jax.models import autoencoder
 
-        from lance_jax.models import vae
-
-        enc = vae.encode(self.vae_params, pixels, self.vae_cfg)
-        if settings.sample_posterior:
-            z = vae.sample_latent(enc.mu, enc.logvar, key=jax.random.PRNGKey(settings.posterior_seed))
-        else:
-            z = jnp.moveaxis(enc.mu, 0, -1)
+        key = jax.random.PRNGKey(settings.posterior_seed) if settings.sample_posterior else None
+        z = autoencoder.encode_latent(self.vae_params, pixels, self.vae_cfg, key)
         return np.array(jax.block_until_ready(z), np.float32)
 
     def _vae_decode(self, latent: np.ndarray) -> np.ndarray:
-        from lance_jax.models import vae
+        from lance_jax.models import autoencoder
 
-        return np.asarray(jax.block_until_ready(vae.decode(self.vae_params, latent, self.vae_cfg)), np.float32)
+        return np.asarray(jax.block_until_ready(autoencoder.decode(self.vae_params, latent, self.vae_cfg)),
+                          np.float32)
+
+    def _latent_grid(self, frames: int, pixels: np.ndarray) -> tuple[int, int, int]:
+        """(t, h, w) latent tokens of `frames` pixel frames at the size of pixels (3, F, H, W)."""
+        stride = self.cfg.latent_stride
+        return latent_frames(frames), pixels.shape[2] // stride, pixels.shape[3] // stride
 
     def _noise(self, seed: int, rows: int) -> np.ndarray:
         """Initial state rows N(0, 1), float32, from NumPy's PCG64 seeded with `seed` (host side, platform-exact)."""
@@ -272,13 +273,14 @@ class LanceRunner:
         settings.validate()
         progress = self.progress if progress is None else progress
         seq_task = task
+        stride = self.cfg.latent_stride
         target_grid = tuple(int(x) for x in target_grid)
         self.check_latent_grid(target_grid, f"{seq_task} target")
         kw = {}
         src_grid = None
         if vit is not None:
             _, frames, height, width = source_pixels.shape
-            src_grid = (latent_frames(frames), height // 16, width // 16)
+            src_grid = (latent_frames(frames), height // stride, width // stride)
             self.check_latent_grid(src_grid, f"{seq_task} source")
             kw = dict(source_vit_grid=tuple(int(x) for x in vit[1][0]), source_latent_grid=src_grid)
         with timer("build"):
@@ -292,7 +294,7 @@ class LanceRunner:
         info.update(tokens=dict(total=n_tokens, target=n_target, source_vae=n_source,
                                 vit=int(built.vision_blocks[0]["num_tokens"]) if vit is not None else 0,
                                 caption=int(span[1] - span[0]) if span else 0),
-                    latent_grid=list(target_grid), frames=4 * (t - 1) + 1, height=16 * h, width=16 * w)
+                    latent_grid=list(target_grid), frames=4 * (t - 1) + 1, height=stride * h, width=stride * w)
 
         # Conditions (host -> device -> host arrays, so that no stage pins another's devices).
         vit_embeds, cond_rows, clean = None, None, np.zeros(n_source + n_target, bool)
@@ -376,7 +378,7 @@ class LanceRunner:
         if height < 16 or width < 16:
             raise InferenceError(f"{task}: size {height}x{width} is below 16 px")
         frames = floor_frames(frames)
-        grid = (latent_frames(frames), height // 16, width // 16)
+        grid = (latent_frames(frames), height // self.cfg.latent_stride, width // self.cfg.latent_stride)
         info = dict(task=task, prompt=caption, requested=dict(height=height, width=width, frames=frames))
         out = self._generate(task, caption, grid, seeds=self._seeds(seed, num_samples), settings=settings,
                              timer=_Timer(), info=info, progress=progress)
@@ -392,7 +394,7 @@ class LanceRunner:
             src, src_info = _load_media(image, "image", settings)
             pixels = self._vae_frames(src, res.vae_side)  # (3, 1, H, W)
         frames = floor_frames(frames)
-        grid = (latent_frames(frames), pixels.shape[2] // 16, pixels.shape[3] // 16)
+        grid = self._latent_grid(frames, pixels)
         info = dict(task="i2v", prompt=caption, resolution=res.name, source=src_info)
         out = self._generate("i2v", caption, grid, seeds=self._seeds(seed, num_samples), settings=settings,
                              timer=timer, first_frame_pixels=pixels, info=info, progress=progress)
@@ -417,7 +419,7 @@ class LanceRunner:
             src = src[: floor_frames(len(src))]
             pixels = self._vae_frames(src, res.vae_side)
             vit = self._vit_inputs(src, res.vit_side)
-        grid = (latent_frames(pixels.shape[1]), pixels.shape[2] // 16, pixels.shape[3] // 16)
+        grid = self._latent_grid(pixels.shape[1], pixels)
         info = dict(task=task, prompt=caption, resolution=res.name, source=src_info, vit_grid=vit[1][0].tolist(),
                     **(info_extra or {}))
         out = self._generate(task, caption, grid, seeds=self._seeds(seed, num_samples), settings=settings,
