@@ -117,7 +117,7 @@ def _check_output(out: str, overwrite: bool) -> None:
         raise FileExistsError(f"{os.path.abspath(out)} exists (pass --overwrite to replace it)")
 
 
-def _atomic_output(out: str, overwrite: bool, build: Callable[[str], dict]) -> dict:
+def atomic_output(out: str, overwrite: bool, build: Callable[[str], dict]) -> dict:
     """Run build(tmp_dir) and move the result to `out` only if it succeeds; nothing half-written remains."""
     _check_output(out, overwrite)
     out = os.path.abspath(out)
@@ -171,7 +171,7 @@ def to_jax(paths: ReferencePaths, out: str, *, dtype: str = "keep", vit_source: 
             json.dump(manifest, f, indent=1)
         return manifest
 
-    return _atomic_output(out, overwrite, build)
+    return atomic_output(out, overwrite, build)
 
 
 def read_manifest(ckpt: str) -> dict:
@@ -291,7 +291,7 @@ def to_torch(ckpt: str, out: str, *, dtype: str = "keep", overwrite: bool = Fals
                              lance_readers(ckpt, cfg) + vision.bundled_readers(), ref["dtypes"], cast, progress, special)
         return [os.path.join(ref["model_name"], "model.safetensors")] + vision.write(tmp, cast, progress)
 
-    return _atomic_output(out, overwrite, build)
+    return atomic_output(out, overwrite, build)
 
 
 def _summary(entries: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict:

@@ -104,6 +104,18 @@ class StreamingWriter:
             raise ValueError(f"checkpoint {self.directory}: leaves not fully written: {incomplete}")
 
 
+def save_tree(directory: str, tree: dict) -> None:
+    """Write a nested dict of arrays (host or device) as a PyTree checkpoint at `directory` (must not exist)."""
+    import jax
+
+    flat = {tuple(str(getattr(k, "key", k)) for k in path): np.asarray(jax.device_get(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    writer = StreamingWriter(directory, {p: (v.shape, v.dtype) for p, v in flat.items()})
+    for path, value in flat.items():
+        writer.write(path, value)
+    writer.close()
+
+
 def leaf_specs(directory: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
     """{path: (shape, dtype)} of every leaf of a PyTree checkpoint, without reading data."""
     import tensorstore as ts

@@ -1,0 +1,78 @@
+"""The embedded demo (`make demo`): a tiny dual-stream Lance that learns synthetic scenes on 2 CPU cores.
+
+  python -m lance_jax.demo.run                      # data -> train (or cached) -> all tasks -> scores, HTML
+  python train.py --config configs/demo.py:ROOT --workdir ROOT/train   # the training part alone
+
+ROOT (the argument after ':') holds the demo's tokenizer, encoder checkpoint and shards
+(`python -m lance_jax.demo.run --stage data` writes them). The model reads 32 px scenes through the
+parameter-free pixel autoencoder (4x4 space-to-depth: an 8x8 grid of 48-channel latents per frame,
+9-frame clips keep 3 latent frames) and a 2-block random ViT (frozen, as the real one is); its token ids
+come from the demo tokenizer, trained on the scene texts (`lance_jax/demo/tokenizer.py`).
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("_common", os.path.join(_HERE, "train", "_common.py"))
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+
+SIZE = 32  # scene side in pixels
+VIT_SIDE = 112  # ViT input side: 8x8 patches of 14 px -> 4x4 merged tokens per frame pair
+
+
+def model() -> ml_collections.ConfigDict:
+    from lance_jax.demo.tokenizer import demo_model_ids
+
+    m = _common.model_config("lance_3b_image")
+    m.update(dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
+                  mrope_section=[4, 6, 6], rope_theta=10_000.0, rope_bf16_inv_freq=False,
+                  max_latent_size=SIZE // 4, max_num_frames=9, timestep_shift=1.0, ce_weight=1.0,
+                  timestep_embed_dim=128, vit_out_hidden_size=128, autoencoder="pixel",
+                  dtype="float32", remat_policy="none", attention_impl="dense", scan_layers=True))
+    m.update(demo_model_ids())
+    return m
+
+
+def groups(root: str) -> list:
+    """One data group per task folder of `synthetic.write_demo_shards` (weights: share of records drawn)."""
+    common = dict(source="shards", resolution=SIZE, vit_resolution=VIT_SIDE, max_duration=1.0, text_drop=0.1,
+                  vit_drop=0.1)
+    spec = [("t2i", ["t2i"], None, 3.0), ("t2v", ["t2v", "ff2v"], [0.7, 0.3], 2.0),
+            ("image_edit", ["i2i"], None, 2.0), ("video_edit", ["v2v"], None, 0.7),
+            ("x2t_image", ["i2t"], None, 1.5), ("x2t_video", ["v2t"], None, 1.0)]
+    out = []
+    for name, tasks, rates, weight in spec:
+        g = dict(common, name=name, path=os.path.join(root, "shards", name), tasks=tasks, weight=weight)
+        if rates:
+            g["task_rates"] = rates
+        out.append(g)
+    return out
+
+
+def get_config(root: str = "") -> ml_collections.ConfigDict:
+    root = os.path.abspath(root or os.environ.get("LANCE_DEMO_ROOT", "demo_out"))
+    c = _common.base("tiny")
+    c.model = model()
+    c.optimizer.update(dict(lr=1e-3, warmup_steps=100, schedule="constant", total_steps=100_000, min_lr=1e-4))
+    c.freeze.update(dict(embed_and_head=False))  # random init: the embeddings and the LM head must learn too
+    c.ema_decay = 0.995
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.train.update(dict(steps=1500, log_every=50, save_every=250, keep=2, seed=0, timesteps="device"))
+    c.data.update(dict(seed=0, batch_size=4, token_budget=None, drop_overflow=False,
+                       tokenizer=os.path.join(root, "encoders", "reference", "model"),
+                       encoder_ckpt=os.path.join(root, "encoders"),
+                       max_bad_fraction=0.01, min_records_for_report=50, fail_on_bad_shard=True))
+    # one packed row: a video edit (2 x 192 latents + ~110 text / ViT tokens) fits, so nothing is too long
+    c.data.capacities = ml_collections.ConfigDict(dict(und=256, gen=512, ce=32, vit=128))
+    c.data.groups = groups(root)
+    c.demo = ml_collections.ConfigDict(dict(
+        root=root, size=SIZE, vit_side=VIT_SIDE, seed=0,
+        # training rows written per task (the model sees each a few times in `train.steps`)
+        rows=dict(t2i=3000, t2v=2000, image_edit=2000, video_edit=800, x2t_image=2000, x2t_video=1200),
+        eval_per_task=20,
+        # sampler settings for the generation tasks (infer.py flags)
+        steps=20, shift=1.0, cfg_scale=2.0, cfg_interval=[0.0, 1.0]))
+    return c

@@ -1,0 +1,245 @@
+"""The embedded demo, end to end (`make demo`): synthetic shards -> train a tiny Lance (or reuse a cached
+one) -> every task through `infer.py` on held-out prompts -> quality table (+ JSON), HTML page, contact sheet.
+
+  python -m lance_jax.demo.run [--config configs/demo.py] [--root demo_out] [--config.train.steps=200]
+                               [--stage data|train|infer|evaluate|all] [--retrain]
+
+ROOT/encoders   tokenizer + random frozen ViT (+ the untrained Lance): what the data pipeline encodes with
+ROOT/shards     one shard folder per task (`synthetic.write_demo_shards`)
+ROOT/train      the training run (orbax checkpoints, TensorBoard); resumes when re-run
+CACHE/<key>     the finished checkpoint (converted layout); `key` hashes the config, so a finished demo
+                is reused until the model, data or training settings change (CACHE: $LANCE_DEMO_CACHE or
+                ~/.cache/lance_jax/demo)
+ROOT/eval       inputs, infer.py outputs per task, manifest.json, scores.json, index.html, contact_sheet.png
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "demo.py")
+STAGES = ("data", "train", "infer", "evaluate")
+
+
+def load_config(path: str, root: str, overrides: list[str]):
+    """configs/demo.py:ROOT with `--config.a.b=v` overrides applied."""
+    from lance_jax.config import apply_overrides, config_dict_from_file
+
+    return apply_overrides(config_dict_from_file(f"{path}:{root}"), overrides)
+
+
+def cache_key(config) -> str:
+    """Hash of everything the trained weights depend on (model, optimisation, data, demo sizes)."""
+    keep = copy.deepcopy({k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
+                          for k in ("model", "optimizer", "freeze", "ema_decay", "train", "data")})
+    keep["demo"] = {k: v for k, v in config.demo.to_dict().items() if k in ("size", "vit_side", "seed", "rows")}
+    for g in keep["data"]["groups"]:
+        g.pop("path", None)  # where the shards live does not change them
+    for k in ("tokenizer", "encoder_ckpt"):
+        keep["data"].pop(k, None)
+    keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("log_every", "save_every", "keep")}
+    blob = json.dumps(keep, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cache_dir(config) -> str:
+    base = os.environ.get("LANCE_DEMO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lance_jax", "demo")
+    return os.path.join(base, cache_key(config))
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def stage_data(config, console=print) -> None:
+    """Tokenizer + encoder checkpoint + training shards under config.demo.root (skipped when present)."""
+    from lance_jax.config import model_config_from_dict
+    from lance_jax.data import synthetic as SY
+    from lance_jax.demo import checkpoint as DC
+    from lance_jax.demo import tokenizer as DT
+    from lance_jax.models.lance import init_params
+    from lance_jax.packing import dummy_stream_batch
+
+    root, d = config.demo.root, config.demo
+    enc = config.data.encoder_ckpt
+    if not os.path.isdir(enc):
+        import flax.linen as nn
+        import jax
+
+        cfg = model_config_from_dict(config.model)
+        tok_dir = os.path.join(root, "tokenizer")
+        tok = DT.write_tokenizer(tok_dir, DT.scene_texts())
+        if DT.model_ids(tok) != {k: getattr(cfg, k) for k in DT.model_ids(tok)}:
+            raise ValueError(f"configs/demo.py token ids {DT.model_ids(tok)} do not match the demo tokenizer")
+        vit_cfg = DC.demo_vit_config(cfg.vit_out_hidden_size)
+        lance = nn.unbox(init_params(cfg, jax.random.PRNGKey(int(d.seed)), dummy_stream_batch(cfg)))
+        DC.write_checkpoint(enc, cfg, jax.device_get(lance), vit_cfg, DC.random_vit_params(vit_cfg, int(d.seed)),
+                            tok_dir, note="untrained (encoders for the data pipeline)")
+        console(f"wrote {enc}")
+    shards = os.path.join(root, "shards")
+    summary_path = os.path.join(shards, "summary.json")
+    want = dict(d.rows.to_dict())
+    if os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            have = json.load(f)
+        if {t: v["rows"] for t, v in have["tasks"].items()} == want and have["seed"] == int(d.seed):
+            return
+    SY.write_demo_shards(shards, want, int(d.seed), "train", int(d.size))
+    console(f"wrote {shards}")
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def stage_train(config, *, retrain: bool = False, console=print) -> str:
+    """The trained demo checkpoint: the cached one, or train + export. Returns its path."""
+    from lance_jax.demo import checkpoint as DC
+    from lance_jax.train import loop as L
+
+    out = cache_dir(config)
+    if os.path.isfile(os.path.join(out, "lance_checkpoint.json")) and not retrain:
+        console(f"reusing the trained demo checkpoint {out} (--retrain to train again)")
+        return out
+    workdir = os.path.join(config.demo.root, "train")
+    t0 = time.time()
+    metrics = L.run(config, workdir, console=console)
+    manifest = DC.export_trained(config, workdir, config.data.encoder_ckpt, out)
+    with open(os.path.join(out, "demo_training.json"), "w") as f:
+        json.dump(dict(seconds=round(time.time() - t0, 1), last_metrics=metrics, note=manifest["reference"]["note"]),
+                  f, indent=1, default=float)
+    console(f"trained in {time.time() - t0:.0f} s -> {out}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- infer
+
+
+def _record(case: dict, inputs: dict, index: int) -> dict:
+    """One infer.py input record (30 §8 schema) for a case."""
+    task = case["task"]
+    if task in ("t2i", "t2v"):
+        return dict(index=index, data=case["prompt"])
+    kind, path = next(iter(inputs.items()))
+    if task in ("x2t_image", "x2t_video"):
+        text = [case["system_prompt"], case["prompt"], case["expected"]]
+        return dict(index=index, data=dict(interleave_array=[path, text], element_dtype_array=[kind, "text"]))
+    prompts = case["prompt"] if isinstance(case["prompt"], list) else [case["prompt"]]
+    return dict(index=index, data=dict(interleave_array=[path, *prompts],
+                                       element_dtype_array=[kind] + ["text"] * len(prompts)))
+
+
+def multi_edit_case(cases: list[dict]) -> dict | None:
+    """A two-turn edit built from the first two image_edit cases: turn 2 recolours turn 1's result."""
+    edits = [c for c in cases if c["task"] == "image_edit"]
+    if len(edits) < 2:
+        return None
+    first, second = edits[0], edits[1]
+    shape = first["scene"]["shape"]
+    from lance_jax.data import synthetic as SY
+
+    colors = [c for c in SY.COLORS if c not in (first["new_color"], first["scene"]["background"])]
+    new = second["new_color"] if second["new_color"] in colors else colors[0]
+    return dict(first, id="multi_edit-00000", task="multi_edit",
+                prompt=[first["prompt"], SY.edit_instruction(shape, new)], new_colors=[first["new_color"], new])
+
+
+def infer_flags(config) -> list[str]:
+    d = config.demo
+    return ["--height", str(d.size), "--width", str(d.size), "--frames", "9", "--resolution",
+            f"{d.size}/{d.vit_side}", "--steps", str(d.steps), "--shift", str(d.shift), "--cfg-scale",
+            str(d.cfg_scale), "--cfg-interval", *[str(x) for x in d.cfg_interval], "--max-new-tokens", "12",
+            "--quiet"]
+
+
+def stage_infer(config, ckpt: str, console=print) -> str:
+    """Run every task (held-out cases) through infer.py; returns the evaluation manifest path."""
+    from lance_jax.data import synthetic as SY
+
+    d = config.demo
+    ev = os.path.join(d.root, "eval")
+    os.makedirs(os.path.join(ev, "inputs"), exist_ok=True)
+    cases = SY.heldout_cases(int(d.eval_per_task), int(d.seed) + 1, int(d.size))
+    multi = multi_edit_case(cases)
+    by_task: dict[str, list[dict]] = {}
+    for case in cases + ([multi] if multi else []):
+        by_task.setdefault(case["task"], []).append(case)
+    manifest = dict(ckpt=ckpt, cases=[])
+    for task, group in by_task.items():
+        out = os.path.join(ev, task)
+        jsonl = os.path.join(ev, f"{task}.jsonl")
+        with open(jsonl, "w") as f:
+            for i, case in enumerate(group):
+                as_edit = dict(case, task="image_edit") if task == "multi_edit" else case  # same source image
+                case["inputs"] = SY.write_case_inputs(as_edit, os.path.join(ev, "inputs"))
+                f.write(json.dumps(_record(case, case["inputs"], i)) + "\n")
+        cmd = [sys.executable, os.path.join(REPO, "infer.py"), "--ckpt", ckpt, "--task", task, "--input", jsonl,
+               "--out", out, *infer_flags(config)]
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        console(f"infer.py --task {task}: {len(group)} samples in {time.time() - t0:.0f} s (exit {proc.returncode})")
+        if proc.returncode not in (0, 1):
+            raise RuntimeError(f"infer.py --task {task} failed:\n{proc.stderr[-4000:]}")
+        with open(os.path.join(out, "run.json")) as f:
+            records = {r["index"]: r for r in json.load(f)["records"]}
+        for i, case in enumerate(group):
+            rec = records.get(i, {})
+            outputs = dict(error=rec["error"]) if rec.get("error") else (
+                dict(answer=rec.get("answer", "")) if "answer" in rec else
+                dict(media=os.path.join(out, rec["outputs"][-1]), all_media=[os.path.join(out, p) for p in rec["outputs"]]))
+            manifest["cases"].append(dict(case, outputs=outputs))
+    path = os.path.join(ev, "manifest.json")
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def stage_evaluate(manifest: str, console=print) -> dict:
+    from lance_jax.demo import evaluate as E
+    from lance_jax.demo import report as R
+
+    ev = os.path.dirname(manifest)
+    code = E.main([manifest, "--json", os.path.join(ev, "scores.json")])
+    R.main([manifest, "--out", ev])
+    with open(os.path.join(ev, "scores.json")) as f:
+        scores = json.load(f)
+    console(f"report: {os.path.join(ev, 'index.html')}, {os.path.join(ev, 'contact_sheet.png')}")
+    scores["exit"] = code
+    return scores
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--root", default=os.environ.get("LANCE_DEMO_ROOT", "demo_out"))
+    p.add_argument("--stage", choices=STAGES + ("all",), default="all")
+    p.add_argument("--retrain", action="store_true", help="train even when a cached checkpoint exists")
+    p.add_argument("--ckpt", help="evaluate this demo checkpoint instead of the trained / cached one")
+    args, overrides = p.parse_known_args(argv)
+    config = load_config(args.config, os.path.abspath(args.root), overrides)
+    t0 = time.time()
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    if "data" in stages:
+        stage_data(config)
+    ckpt = args.ckpt
+    if "train" in stages or (ckpt is None and "infer" in stages):
+        ckpt = stage_train(config, retrain=args.retrain)
+    manifest = os.path.join(config.demo.root, "eval", "manifest.json")
+    if "infer" in stages:
+        manifest = stage_infer(config, ckpt)
+    if "evaluate" in stages:
+        stage_evaluate(manifest)
+    print(f"demo finished in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The embedded demo's pieces: the pixel autoencoder, the demo tokenizer and checkpoints, and a shortened
+end-to-end run (a few training steps; every task runs through infer.py and writes files). The quality bars
+live in `python -m lance_jax.demo.run`, not here: a few CPU steps cannot learn the scenes."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lance_jax.config import model_config_from_dict
+from lance_jax.models import autoencoder as AE
+from lance_jax.models import pixel_autoencoder as PA
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(REPO, "configs", "demo.py")
+
+
+def _video(frames=9, h=32, w=48, seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, (3, frames, h, w)).astype(np.float32)
+
+
+def test_pixel_autoencoder_layout_and_round_trip():
+    v = _video()
+    enc = PA.encode(None, v)
+    assert enc.mu.shape == (48, 3, 8, 12) and enc.logvar is None
+    # channel (row * 4 + column) * 3 + rgb of token (t, i, j) is pixel (4i + row, 4j + column) of key frame 4t
+    mu = np.asarray(enc.mu)
+    for (c, t, i, j) in [(0, 0, 0, 0), (47, 2, 7, 11), (3 * 5 + 1, 1, 3, 4)]:
+        row, col, rgb = (c // 3) // 4, (c // 3) % 4, c % 3
+        assert mu[c, t, i, j] == v[rgb, 4 * t, 4 * i + row, 4 * j + col]
+    out = np.asarray(PA.decode(None, np.moveaxis(mu, 0, -1)))
+    assert out.shape == v.shape
+    np.testing.assert_array_equal(out[:, ::4], v[:, ::4])  # key frames come back exactly
+    # in-between frames: linear interpolation of the neighbouring key frames
+    np.testing.assert_allclose(out[:, 1], 0.75 * v[:, 0] + 0.25 * v[:, 4], atol=1e-6)
+    np.testing.assert_allclose(out[:, 6], 0.5 * v[:, 4] + 0.5 * v[:, 8], atol=1e-6)
+
+
+def test_pixel_autoencoder_batched_clamp_and_errors():
+    v = np.stack([_video(5, 16, 16, 1), _video(5, 16, 16, 2)])
+    lat = AE.encode_latent(None, v, PA.PixelAutoencoderConfig())
+    assert lat.shape == (2, 2, 4, 4, 48)
+    np.testing.assert_array_equal(np.asarray(PA.decode(None, lat))[:, :, ::4], v[:, :, ::4])
+    assert float(jnp.max(PA.decode(None, 3 * lat))) == 1.0  # clamped like the VAE's output
+    with pytest.raises(ValueError, match="1 \\+ 4k frames"):
+        PA.encode(None, _video(4))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        PA.encode(None, _video(5, 30, 32))
+    with pytest.raises(ValueError, match="48"):
+        PA.decode(None, np.zeros((1, 2, 2, 16), np.float32))
+
+
+def test_model_config_names_the_codec():
+    from lance_jax.config import config_dict_from_file
+
+    m = config_dict_from_file(DEMO_CONFIG + ":/tmp/unused").model
+    cfg = model_config_from_dict(m)
+    assert cfg.autoencoder == "pixel" and cfg.latent_stride == 4
+    assert model_config_from_dict({**m.to_dict(), "autoencoder": "wan2.2"}).latent_stride == 16
+    with pytest.raises(ValueError, match="autoencoder"):
+        model_config_from_dict({**m.to_dict(), "autoencoder": "sd-vae"})
+    with pytest.raises(ValueError, match="48 latent channels"):
+        model_config_from_dict({**m.to_dict(), "latent_channels": 16})
+
+
+def test_demo_tokenizer_ids_and_words():
+    from lance_jax.config import config_dict_from_file
+    from lance_jax.data import synthetic as SY
+    from lance_jax.demo import tokenizer as DT
+
+    tok = DT.demo_tokenizer()
+    m = config_dict_from_file(DEMO_CONFIG + ":/tmp/unused").model
+    for k, v in DT.model_ids(tok).items():
+        assert m[k] == v, k
+    assert DT.model_ids(DT.demo_tokenizer()) == DT.model_ids(tok)  # deterministic
+    # every scene word is one id (with and without the leading space), so held-out prompts reuse trained ids
+    for word in SY.COLORS + SY.SHAPES + SY.DIRECTIONS:
+        assert len(tok.encode(word)) == 1 and len(tok.encode(" " + word)) == 1, word
+    for sentence in DT.template_sentences():
+        assert len(tok.encode(sentence)) == 1
+    text = "<|im_start|>user\nmake the circle red<|im_end|>"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode(text)[0] == tok.im_start_id == 1
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(tmp_path_factory):
+    """An untrained demo checkpoint (what the data stage writes) at a 2-layer width."""
+    import flax.linen as nn
+
+    from lance_jax.config import config_dict_from_file
+    from lance_jax.demo import checkpoint as DC
+    from lance_jax.demo import tokenizer as DT
+    from lance_jax.models.lance import init_params
+    from lance_jax.packing import dummy_stream_batch
+
+    root = tmp_path_factory.mktemp("demo_ckpt")
+    m = config_dict_from_file(DEMO_CONFIG + f":{root}").model
+    m.num_layers = 2
+    cfg = model_config_from_dict(m)
+    tok_dir = str(root / "tok")
+    DT.write_tokenizer(tok_dir, DT.scene_texts())
+    vit_cfg = DC.demo_vit_config(cfg.vit_out_hidden_size)
+    lance = jax.device_get(nn.unbox(init_params(cfg, jax.random.PRNGKey(0), dummy_stream_batch(cfg))))
+    out = str(root / "ckpt")
+    DC.write_checkpoint(out, cfg, lance, vit_cfg, DC.random_vit_params(vit_cfg), tok_dir)
+    return out, cfg, lance
+
+
+def test_demo_checkpoint_round_trip_and_encoders(demo_ckpt):
+    from lance_jax.convert import converter
+    from lance_jax.data.encoders import FrozenEncoders
+
+    out, cfg, lance = demo_ckpt
+    assert converter.checkpoint_config(out) == cfg
+    restored = converter.restore_params(out)
+    assert set(restored) == {"lance", "vit"}
+    for a, b in zip(jax.tree.leaves(restored["lance"]), jax.tree.leaves(lance)):
+        np.testing.assert_array_equal(a, b)
+    enc = FrozenEncoders(out)
+    assert isinstance(enc.vae_cfg, PA.PixelAutoencoderConfig) and enc.vae_params == {}
+    v = _video(5, 32, 32)
+    lat = enc.vae(v, key=jax.random.PRNGKey(0))  # deterministic codec: the key changes nothing
+    np.testing.assert_array_equal(lat, np.moveaxis(np.asarray(PA.encode(None, v).mu), 0, -1))
+    with pytest.raises(ValueError, match="pixel autoencoder"):
+        from lance_jax.demo import checkpoint as DC
+
+        DC.write_checkpoint(out + "_x", cfg.replace(autoencoder="wan2.2"), lance, None, None, "")
+
+
+def test_runner_uses_the_pixel_codec(demo_ckpt, tmp_path):
+    from lance_jax.pipelines import GenerationSettings, LanceRunner
+
+    out, cfg, _ = demo_ckpt
+    runner = LanceRunner(out, progress=False)
+    assert runner.has_vae and runner.has_vit
+    res = runner.t2i("a red circle on a blue background", height=32, width=16, seed=1,
+                     settings=GenerationSettings(steps=2))
+    assert res.frames.shape == (1, 32, 16, 3) and res.info["latent_grid"] == [1, 8, 4]
+    with pytest.raises(Exception, match="at most 32 px"):  # the 8x8 latent table at 4 px per token
+        runner.t2i("a red circle", height=48, width=32, settings=GenerationSettings(steps=1))
+
+
+def test_shortened_demo_runs_every_task(tmp_path, monkeypatch):
+    """Data -> 3 training steps -> export -> all seven tasks + a two-turn edit through infer.py -> scores,
+    HTML page and contact sheet. Asserts that every case produced its file or answer, not quality."""
+    from lance_jax.demo import run as DR
+
+    monkeypatch.setenv("LANCE_DEMO_CACHE", str(tmp_path / "cache"))
+    rows = [f"--config.demo.rows.{t}=12" for t in ("t2i", "t2v", "image_edit", "video_edit", "x2t_image",
+                                                   "x2t_video")]
+    argv = ["--root", str(tmp_path / "root"), *rows, "--config.train.steps=3", "--config.train.log_every=1",
+            "--config.train.save_every=3", "--config.model.num_layers=1", "--config.demo.eval_per_task=2",
+            "--config.demo.steps=2", "--config.optimizer.warmup_steps=1"]
+    assert DR.main(argv) == 0
+    ev = tmp_path / "root" / "eval"
+    manifest = json.loads((ev / "manifest.json").read_text())
+    tasks = [c["task"] for c in manifest["cases"]]
+    assert sorted(set(tasks)) == sorted(["t2i", "t2v", "i2v", "image_edit", "video_edit", "x2t_image", "x2t_video",
+                                         "multi_edit"])
+    for case in manifest["cases"]:
+        outs = case["outputs"]
+        assert "error" not in outs, (case["id"], outs)
+        if case["task"].startswith("x2t"):
+            assert isinstance(outs["answer"], str)
+        else:
+            assert os.path.getsize(outs["media"]) > 0
+            assert outs["media"].endswith(".mp4" if case["task"] in ("t2v", "i2v", "video_edit") else ".png")
+    multi = next(c for c in manifest["cases"] if c["task"] == "multi_edit")
+    assert len(multi["outputs"]["all_media"]) == 2  # two turns, two images
+    scores = json.loads((ev / "scores.json").read_text())
+    assert scores and (ev / "index.html").stat().st_size > 0 and (ev / "contact_sheet.png").stat().st_size > 0
+    # the cache is reused: a second run does not train again
+    cached = DR.cache_dir(DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"), argv[2:]))
+    assert os.path.isfile(os.path.join(cached, "lance_checkpoint.json"))
