@@ -4,6 +4,9 @@
 
 Re-running the same command resumes from the latest checkpoint in WORKDIR/checkpoints. Metrics go to the
 console, a tqdm bar, and TensorBoard event files in WORKDIR/tb (tensorboardX).
+
+Multi-host: run the same command on every process with LANCE_COORDINATOR=host:port, LANCE_NUM_PROCESSES
+and LANCE_PROCESS_ID set (or LANCE_DISTRIBUTED=auto on a cluster JAX detects); WORKDIR must be shared.
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -16,6 +19,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    from lance_jax import sharding as S
+
+    S.initialize_distributed()  # from LANCE_* variables (no-op without them); before any JAX backend starts
     import jax
 
     cfg = _CONFIG.value

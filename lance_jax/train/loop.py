@@ -5,6 +5,12 @@ folder; ckpt: a `convert_weights.py to-jax` folder, whose model config and Lance
 `init.model_overrides` adjusts the config), optimizer, freeze, ema_decay, mesh, data (pipeline.make_dataset), train (steps, log_every,
 save_every, keep, seed, timesteps). Re-running the same command with the same workdir resumes from the
 latest checkpoint (params, optimizer, EMA, step, rng and the data iterator state).
+
+Multi-host (`sharding.initialize_distributed` first, as `train.py` does): every process runs `run` with the
+same config and workdir. Each reads its own slice of the data (`data.batch_size / process_count` rows per
+step), the rows are assembled into global arrays over the (data, fsdp) axes, every process takes part in
+each checkpoint save / restore (its own data-iterator state included), and process 0 alone writes
+TensorBoard, the metric lines and the progress bar.
 """
 from __future__ import annotations
 
@@ -37,7 +43,9 @@ def build(config, *, mesh=None):
     it = PL.make_iterator(data_config(config), cfg, process_index=jax.process_index(), process_count=jax.process_count())
     first = next(it)  # shapes; the iterator is rewound below
     it.set_state(_initial_state(config, cfg))
+    # global shapes: each process's iterator yields batch_size / process_count of the rows
     batch_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct((config.data.batch_size,) + x.shape[1:], x.dtype), first)
+    check_batch_split(mesh, int(config.data.batch_size))
     example = jax.tree.map(lambda x: np.zeros((1,) + x.shape[1:], x.dtype), first)
     example.pop("gen_item", None)
     boxed = S.abstract_params(cfg, example)
@@ -92,9 +100,28 @@ def _initial_state(config, cfg):
                             process_count=jax.process_count()).get_state()
 
 
-def global_batch(batch, mesh, shardings_of):
-    """Host batch (this process's rows) -> global jax arrays sharded over (data, fsdp)."""
-    return {k: jax.make_array_from_process_local_data(shardings_of[k], v) for k, v in batch.items()}
+def check_batch_split(mesh, batch_size: int):
+    """Raise unless the (data, fsdp) sharding of `batch_size` rows gives every process its own
+    batch_size / process_count rows: each process feeds only the rows it read (`global_batch`), so a batch
+    replicated across processes (it does not divide data x fsdp, or those axes stay inside a process)
+    would be assembled from mismatched data."""
+    n = jax.process_count()
+    rows: dict[int, set] = {}
+    for d, idx in S.batch_sharding(mesh, 1, batch_size).devices_indices_map((batch_size,)).items():
+        rows.setdefault(d.process_index, set()).update(range(*idx[0].indices(batch_size)))
+    sizes = [len(r) for r in rows.values()]
+    if len(rows) != n or sizes != [batch_size // n] * n or len(set().union(*rows.values())) != batch_size:
+        raise ValueError(f"data.batch_size {batch_size} on mesh {dict(mesh.shape)} does not split over the "
+                         f"{n} processes (rows per process: {sizes}); make it divisible by data x fsdp and let "
+                         "those axes span the processes")
+
+
+def global_batch(batch, mesh, shardings_of, batch_size: int | None = None):
+    """Host batch (this process's B / process_count rows) -> global (B, ...) jax arrays over (data, fsdp).
+
+    batch_size: the global B; None infers it from the sharding (right for a single process)."""
+    shape = lambda v: None if batch_size is None else (batch_size,) + v.shape[1:]  # noqa: E731
+    return {k: jax.make_array_from_process_local_data(shardings_of[k], v, shape(v)) for k, v in batch.items()}
 
 
 def run(config, workdir: str, *, progress: bool = True, console=print, mesh=None) -> dict:
@@ -124,7 +151,7 @@ def run(config, workdir: str, *, progress: bool = True, console=print, mesh=None
         for s in range(start, total):
             batch = next(it)
             tokens += int((batch["sample"] >= 0).sum()) * jax.process_count()
-            state, m = jstep(state, global_batch(batch, mesh, b_sh), Sp.step_rng(state))
+            state, m = jstep(state, global_batch(batch, mesh, b_sh, int(config.data.batch_size)), Sp.step_rng(state))
             avg.add(m)
             done = s + 1
             if done % int(config.train.log_every) == 0 or done == total:
@@ -135,7 +162,7 @@ def run(config, workdir: str, *, progress: bool = True, console=print, mesh=None
                              if isinstance(v, (int, float))})
                 last = writer.write(done, vals)
                 t0, tokens = time.time(), 0
-            if done % int(config.train.save_every) == 0 or done == total:
+            if done % int(config.train.save_every) == 0 or done == total:  # collective: every process saves
                 ckpt.save(done, state, it.get_state(), force=True)
             if bar is not None:
                 bar.update(1)
