@@ -220,6 +220,25 @@ def _analyses(compiled):
                 xla_flops_per_device=float((cost or {}).get("flops", float("nan"))))
 
 
+def mesh_config(args):
+    """The preset named by `--mesh`, its axis sizes replaced by `--mesh-shape` (e.g. 'fsdp=2,context=4') when given.
+
+    The override keeps the preset's device count, memory and peak FLOPs; unnamed axes are 1, one axis may be -1.
+    """
+    from lance_jax import sharding as S
+
+    mesh_cfg = S.load_mesh_config(args.mesh)
+    spec = getattr(args, "mesh_shape", "")
+    if spec:
+        shape = {}
+        for part in spec.split(","):
+            name, _, size = part.partition("=")
+            shape[name.strip()] = int(size)
+        mesh_cfg.shape = S.resolve_mesh_shape(shape, mesh_cfg.num_devices)
+        mesh_cfg.name = f"{mesh_cfg.name}[{spec}]"
+    return mesh_cfg
+
+
 def make_plan(args, num_layers: int | None = None) -> Plan:
     import jax
     from lance_jax import sharding as S
@@ -234,7 +253,7 @@ def make_plan(args, num_layers: int | None = None) -> Plan:
     cfg = model_config_from_dict(mcfg)
     if args.task == "t2i" and cfg.max_num_frames > 1:
         cfg = cfg.replace(max_num_frames=cfg.max_num_frames)
-    mesh_cfg = S.load_mesh_config(args.mesh)
+    mesh_cfg = mesh_config(args)
     mesh = S.mesh_from_config(mesh_cfg, jax.devices()[: mesh_cfg.num_devices])
     if args.task == "train":
         compiled, dt, shapes, mf, hf = compile_train(cfg, mesh, args.tokens_per_device, ema=not args.no_ema)
@@ -299,6 +318,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--mesh", required=True, help="configs/mesh/NAME.py[:variant] or NAME[:variant]")
+    ap.add_argument("--mesh-shape", default="", help="override the preset's axis sizes, e.g. 'fsdp=2,context=4' "
+                    "(same device count)")
     ap.add_argument("--task", choices=("train", "t2v", "t2i"), required=True)
     ap.add_argument("--tokens-per-device", type=int, default=65536)
     ap.add_argument("--frames", type=int, default=121)

@@ -7,10 +7,10 @@ shards which name. The same model code runs on 1 CPU, 8 fake CPU devices, a GPU 
 Mesh axes (`MESH_AXES`):
   data     pure data parallel: batch rows split, params replicated
   fsdp     data parallel with params / grads / optimizer state split (ZeRO-3 style)
-  context  sequence (context) parallel: activations split along the token dim; attention gathers
-           the keys / values over this axis (`activation_kv_length` is replicated) while the queries
-           stay split, so GSPMD inserts one all-gather of K/V per layer (and a reduce-scatter of
-           their gradients in the backward)
+  context  sequence (context) parallel: activations split along the token dim; attention runs in a
+           shard_map over this axis (`layers/context_parallel.py`): each device keeps its own queries
+           and mask rows, all-gathers K/V (`activation_kv_length` is replicated) and the backward
+           reduce-scatters their gradients; streams that do not divide fall back to GSPMD
   tensor   Megatron-style: heads and MLP columns split
 
 Presets live in `configs/mesh/*.py` (`load_mesh_config`, `mesh_from_config`). `validate_mesh` says
@@ -41,7 +41,7 @@ LOGICAL_RULES: tuple[tuple[str, object], ...] = (
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", "context"),  # queries, residual stream, MLP hidden: split over context
-    ("activation_kv_length", None),  # keys / values: gathered over context (all-gathered KV attention)
+    ("activation_kv_length", None),  # keys / values: all-gathered over context inside the attention shard_map
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),

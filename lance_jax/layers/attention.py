@@ -79,6 +79,25 @@ def _block_q(x, nb, bs):
     return jnp.swapaxes(x.reshape((B, nb, bs) + x.shape[2:]), 0, 1)
 
 
+def _varying_axes(a) -> frozenset:
+    """Manual mesh axes `a` varies over (its aval's `manual_axis_type.varying`; `vma` before jax 0.10)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _vary_like(x, *refs):
+    """`x` (a fresh scan carry) marked as varying over every manual mesh axis some of `refs` vary over.
+
+    Inside `jax.shard_map` (context parallelism) a scan's carry must have the same varying-axes type
+    in and out; the loop's outputs vary like its inputs, so the zeros / -inf inits must too. Outside
+    a shard_map every vma is empty and this returns `x` unchanged.
+    """
+    want = frozenset().union(*(_varying_axes(r) for r in jax.tree.leaves(refs)))
+    missing = tuple(sorted(want - _varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def _tile_scores(qi, kj, qti, ktj, scale):
     """Masked fp32 scores of one tile: (B, Nkv, G, bq, bk), -inf where not allowed."""
     s = jnp.einsum("bqhgd,bkhd->bhgqk", qi, kj, preferred_element_type=jnp.float32) * scale
@@ -116,11 +135,11 @@ def _flash_fwd_impl(q, k, v, qt, kt, scale, bq, bk):
             acc = alpha[..., None] * acc + pv
             return (acc, m_new, l), None
 
-        init = (
+        init = tuple(_vary_like(a, qi, qti, kb, vb, ktb) for a in (
             jnp.zeros((B, Nkv, G, bq, Dh), jnp.float32),
             jnp.full((B, Nkv, G, bq), -jnp.inf, jnp.float32),
             jnp.zeros((B, Nkv, G, bq), jnp.float32),
-        )
+        ))
         (acc, m, l), _ = jax.lax.scan(k_step, init, (kb, vb, ktb))
         nonempty = l > 0
         l_safe = jnp.where(nonempty, l, 1.0)
@@ -177,13 +196,13 @@ def _flash_bwd(scale, bq, bk, res, dout):
             )
             return (dk, dv), dqi
 
-        zeros_kv = jnp.zeros((B, bk, Nkv, Dh), jnp.float32)
+        zeros_kv = _vary_like(jnp.zeros((B, bk, Nkv, Dh), jnp.float32), kj, vj, ktj, qb, dob, lse, delta, qtb)
         (dk, dv), dq_all = jax.lax.scan(
             q_step, (zeros_kv, zeros_kv), (qb, dob, lse, delta, qtb, dq_all)
         )
         return dq_all, (dk, dv)
 
-    dq0 = jnp.zeros((nq, B, bq, Nkv, G, Dh), jnp.float32)
+    dq0 = _vary_like(jnp.zeros((nq, B, bq, Nkv, G, Dh), jnp.float32), qb, dob, lse, delta, qtb, kb, vb, ktb)
     dqb, (dkb, dvb) = jax.lax.scan(k_block, dq0, (kb, vb, ktb))
     dq = jnp.swapaxes(dqb, 0, 1).reshape(q.shape).astype(q.dtype)
     dk = jnp.swapaxes(dkb, 0, 1).reshape(k.shape).astype(k.dtype)
@@ -236,6 +255,13 @@ def blockwise_attention(
     if Nkp != Nk:
         kv_pad = ((0, 0), (0, Nkp - Nk), (0, 0), (0, 0))
         k, v = jnp.pad(k, kv_pad), jnp.pad(v, kv_pad)
+    # Tie the mask ints to the queries. Under a scan over layers (tokens broadcast, i.e. scan consts), JAX's
+    # scan partial eval hoists every computation that depends on consts only out of the loop, and inside the
+    # kernel's own loops that stacks the mask of every (query block, key block) tile: an Nq x Nk x heads bool
+    # array live across the layer loop (64-128 GiB per device in the 3B train plans). After the barrier the
+    # ints depend on q (a loop value), so each tile's mask is recomputed in the loops as intended. A no-op on
+    # values and gradients (tests/test_context_parallel.py checks the differentiated jaxpr).
+    qg, qt, kt = jax.lax.optimization_barrier((qg, qt, kt))
     out = _flash(qg, k, v, qt, kt, scale, bq, bk)
     return out[:, :Nq].reshape(B, Nq, Nh, Dh)
 

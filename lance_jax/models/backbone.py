@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from lance_jax.config import ModelConfig
 from lance_jax.layers.attention import attention
+from lance_jax.layers.context_parallel import context_parallel_attention, context_parallel_fits
 from lance_jax.layers.masking import MaskTokens
 from lance_jax.layers.linear import dense
 from lance_jax.layers.mlp import MLP
@@ -101,34 +102,49 @@ class Attention(nn.Module):
             return jnp.concatenate([flat(q, nh), flat(k, nkv), flat(v, nkv)], -1)
 
         qkv = _per_stream(cfg, project, x)
-        qkv = jnp.concatenate([qkv.und, qkv.gen], axis=1)
-        q, k, v = jnp.split(qkv, [nh * dh, (nh + nkv) * dh], axis=-1)
-        q = q.reshape(*q.shape[:2], nh, dh)
-        k = k.reshape(*k.shape[:2], nkv, dh)
-        v = v.reshape(*v.shape[:2], nkv, dh)
-        q = nn.with_logical_constraint(apply_rotary(q, cos, sin), ("activation_batch", "activation_length", "activation_heads", None))
-        k = nn.with_logical_constraint(apply_rotary(k, cos, sin), ("activation_batch", "activation_length", "activation_kv_heads", None))
-        keys, values, key_tokens = k, v, tokens
-        if past_kv is not None:
-            keys = jnp.concatenate([past_kv[0].astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([past_kv[1].astype(v.dtype), v], axis=1)
-            key_tokens = MaskTokens(*(jnp.concatenate([a, b], axis=1) for a, b in zip(past_tokens, tokens)))
-        # Context parallelism: queries stay split over `context` (activation_length); keys / values (and their
-        # mask ints) are gathered (activation_kv_length is replicated), so GSPMD all-gathers K/V per layer.
-        kv_axes = ("activation_batch", "activation_kv_length", "activation_kv_heads", None)
-        keys = nn.with_logical_constraint(keys, kv_axes)
-        values = nn.with_logical_constraint(values, kv_axes)
-        key_tokens = MaskTokens(*(nn.with_logical_constraint(a, ("activation_batch", "activation_kv_length"))
-                                  for a in key_tokens))
-        out = attention(
-            q, keys, values, tokens, key_tokens,
-            impl=cfg.attention_impl,
-            block_q=cfg.attention_block_size,
-            block_k=cfg.attention_block_size,
-            dense_max_len=cfg.dense_attention_max_len,
-        )
-        n_und = x.und.shape[1]
-        out = Streams(out[:, :n_und], out[:, n_und:])
+        n_und, n_gen = x.und.shape[1], x.gen.shape[1]
+
+        def heads(flat, cos, sin):
+            """(B, n, (nh + 2 nkv) dh) -> q (B, n, nh, dh), k / v (B, n, nkv, dh), post-rotary, constrained."""
+            q, k, v = jnp.split(flat, [nh * dh, (nh + nkv) * dh], axis=-1)
+            q = q.reshape(*q.shape[:2], nh, dh)
+            k = k.reshape(*k.shape[:2], nkv, dh)
+            v = v.reshape(*v.shape[:2], nkv, dh)
+            q = nn.with_logical_constraint(apply_rotary(q, cos, sin), ("activation_batch", "activation_length", "activation_heads", None))
+            k = nn.with_logical_constraint(apply_rotary(k, cos, sin), ("activation_batch", "activation_length", "activation_kv_heads", None))
+            return q, k, v
+
+        attn_kw = dict(impl=cfg.attention_impl, block_q=cfg.attention_block_size, block_k=cfg.attention_block_size,
+                       dense_max_len=cfg.dense_attention_max_len)
+        if context_parallel_fits((n_und, n_gen)):
+            # Context parallelism (mesh context > 1): each stream stays split over `context` as the residual is;
+            # the attention core runs under shard_map with local queries and all-gathered K/V (context_parallel.py).
+            # Per stream, so no concatenate-and-reshard of the whole sequence; the key order is the single-device one.
+            (qu, ku, vu), (qg, kg, vg) = (heads(flat, cos[:, sl], sin[:, sl]) for flat, sl in (
+                (qkv.und, slice(0, n_und)), (qkv.gen, slice(n_und, n_und + n_gen))))
+            past = None
+            if past_kv is not None:
+                past = (past_kv[0], past_kv[1], past_tokens)
+            pieces = [MaskTokens(*(a[:, :n_und] for a in tokens)), MaskTokens(*(a[:, n_und:] for a in tokens))]
+            out = Streams(*context_parallel_attention((qu, qg), (ku, kg), (vu, vg), pieces, past=past, **attn_kw))
+            k, v = jnp.concatenate([ku, kg], axis=1), jnp.concatenate([vu, vg], axis=1)  # for the cache (extend only)
+        else:
+            q, k, v = heads(jnp.concatenate([qkv.und, qkv.gen], axis=1), cos, sin)
+            keys, values, key_tokens = k, v, tokens
+            if past_kv is not None:
+                keys = jnp.concatenate([past_kv[0].astype(k.dtype), k], axis=1)
+                values = jnp.concatenate([past_kv[1].astype(v.dtype), v], axis=1)
+                key_tokens = MaskTokens(*(jnp.concatenate([a, b], axis=1) for a, b in zip(past_tokens, tokens)))
+            # Without a context axis (or with stream lengths it does not divide, e.g. one decoded token): plain
+            # attention; activation_kv_length is replicated, so under a context mesh GSPMD all-gathers K/V (exact, but
+            # GSPMD does not keep the blockwise kernel's query blocks split: no memory saving on that fallback).
+            kv_axes = ("activation_batch", "activation_kv_length", "activation_kv_heads", None)
+            keys = nn.with_logical_constraint(keys, kv_axes)
+            values = nn.with_logical_constraint(values, kv_axes)
+            key_tokens = MaskTokens(*(nn.with_logical_constraint(a, ("activation_batch", "activation_kv_length"))
+                                      for a in key_tokens))
+            out = attention(q, keys, values, tokens, key_tokens, **attn_kw)
+            out = Streams(out[:, :n_und], out[:, n_und:])
 
         def o_proj(suffix, h):
             return dense(cfg.hidden_size, ("q_heads", "head_dim", "embed"), use_bias=False, axis=(-2, -1),
