@@ -31,7 +31,9 @@ def model() -> ml_collections.ConfigDict:
                   mrope_section=[4, 6, 6], rope_theta=10_000.0, rope_bf16_inv_freq=False,
                   max_latent_size=SIZE // 4, max_num_frames=9, timestep_shift=1.0, ce_weight=1.0,
                   timestep_embed_dim=128, vit_out_hidden_size=128, autoencoder="pixel",
-                  dtype="float32", remat_policy="none", attention_impl="dense", scan_layers=True))
+                  dtype="float32", remat_policy="none", scan_layers=True,
+                  # blockwise: 1.7x faster steps than dense on 2 CPU cores at 768-slot rows (fewer bytes moved)
+                  attention_impl="blockwise", attention_block_size=256))
     m.update(demo_model_ids())
     return m
 
@@ -40,9 +42,9 @@ def groups(root: str) -> list:
     """One data group per task folder of `synthetic.write_demo_shards` (weights: share of records drawn)."""
     common = dict(source="shards", resolution=SIZE, vit_resolution=VIT_SIDE, max_duration=1.0, text_drop=0.1,
                   vit_drop=0.1)
-    spec = [("t2i", ["t2i"], None, 3.0), ("t2v", ["t2v", "ff2v"], [0.7, 0.3], 2.0),
-            ("image_edit", ["i2i"], None, 2.0), ("video_edit", ["v2v"], None, 0.7),
-            ("x2t_image", ["i2t"], None, 1.5), ("x2t_video", ["v2t"], None, 1.0)]
+    spec = [("t2i", ["t2i"], None, 2.5), ("t2v", ["t2v", "ff2v"], [0.7, 0.3], 2.0),
+            ("image_edit", ["i2i"], None, 2.5), ("video_edit", ["v2v"], None, 0.6),
+            ("x2t_image", ["i2t"], None, 2.5), ("x2t_video", ["v2t"], None, 2.5)]
     out = []
     for name, tasks, rates, weight in spec:
         g = dict(common, name=name, path=os.path.join(root, "shards", name), tasks=tasks, weight=weight)
@@ -60,7 +62,7 @@ def get_config(root: str = "") -> ml_collections.ConfigDict:
     c.freeze.update(dict(embed_and_head=False))  # random init: the embeddings and the LM head must learn too
     c.ema_decay = 0.995
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
-    c.train.update(dict(steps=1500, log_every=50, save_every=250, keep=2, seed=0, timesteps="device"))
+    c.train.update(dict(steps=1100, log_every=50, save_every=250, keep=2, seed=0, timesteps="device"))
     c.data.update(dict(seed=0, batch_size=4, token_budget=None, drop_overflow=False,
                        tokenizer=os.path.join(root, "encoders", "reference", "model"),
                        encoder_ckpt=os.path.join(root, "encoders"),
@@ -71,7 +73,7 @@ def get_config(root: str = "") -> ml_collections.ConfigDict:
     c.demo = ml_collections.ConfigDict(dict(
         root=root, size=SIZE, vit_side=VIT_SIDE, seed=0,
         # training rows written per task (the model sees each a few times in `train.steps`)
-        rows=dict(t2i=3000, t2v=2000, image_edit=2000, video_edit=800, x2t_image=2000, x2t_video=1200),
+        rows=dict(t2i=3000, t2v=2400, image_edit=3000, video_edit=800, x2t_image=3000, x2t_video=3000),
         eval_per_task=20,
         # sampler settings for the generation tasks (infer.py flags)
         steps=20, shift=1.0, cfg_scale=2.0, cfg_interval=[0.0, 1.0]))
