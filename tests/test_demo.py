@@ -141,6 +141,8 @@ def test_runner_uses_the_pixel_codec(demo_ckpt, tmp_path):
     assert res.frames.shape == (1, 32, 16, 3) and res.info["latent_grid"] == [1, 8, 4]
     with pytest.raises(Exception, match="at most 32 px"):  # the 8x8 latent table at 4 px per token
         runner.t2i("a red circle", height=48, width=32, settings=GenerationSettings(steps=1))
+    with pytest.raises(Exception, match="pixel autoencoder"):
+        LanceRunner(out, vae_path=out, progress=False)
 
 
 def test_shortened_demo_runs_every_task(tmp_path, monkeypatch):

@@ -127,7 +127,10 @@ class LanceRunner:
         from lance_jax.models.autoencoder import codec
         from lance_jax.models.vae import VaeConfig, load_vae_config, load_vae_params
 
-        if path and self.cfg.autoencoder != "pixel":
+        if path and self.cfg.autoencoder == "pixel":
+            raise InferenceError(f"vae_path {path!r} given, but checkpoint {self.ckpt} uses the parameter-free pixel "
+                                 f"autoencoder (model config autoencoder='pixel')")
+        if path:
             folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
             has_cfg = os.path.isfile(os.path.join(folder, "vae_config.json"))
             cfg = load_vae_config(folder, dtype=self.dtype) if has_cfg else VaeConfig(dtype=self.dtype)
