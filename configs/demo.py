@@ -65,7 +65,7 @@ def get_config(root: str = "") -> ml_collections.ConfigDict:
     c.freeze.update(dict(embed_and_head=False))  # random init: the embeddings and the LM head must learn too
     c.ema_decay = 0.995
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
-    c.train.update(dict(steps=1100, log_every=50, save_every=250, keep=2, seed=0, timesteps="device"))
+    c.train.update(dict(steps=1000, log_every=50, save_every=250, keep=2, seed=0, timesteps="device"))
     c.data.update(dict(seed=0, batch_size=4, token_budget=None, drop_overflow=False,
                        tokenizer=os.path.join(root, "encoders", "reference", "model"),
                        encoder_ckpt=os.path.join(root, "encoders"),
