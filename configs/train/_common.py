@@ -39,7 +39,9 @@ def base(model: str = "lance_3b_video") -> ml_collections.ConfigDict:
         max_bad_fraction=0.05, min_records_for_report=100, fail_on_bad_shard=False, groups=[],
         # real-media records (media_records.py): a tokenizer folder / converted checkpoint, and the converted
         # checkpoint holding the frozen ViT + VAE ('@init' = init.ckpt); '' tokenizer = byte-id smoke path
-        tokenizer="", encoder_ckpt="", encoder_dtype=""))
+        tokenizer="", encoder_ckpt="", encoder_dtype="",
+        # batches built ahead in a background thread while the device runs a step (data/prefetch.py); 0 = none
+        prefetch=2))
     return c
 
 

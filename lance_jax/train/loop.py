@@ -2,7 +2,8 @@
 
 Config sections (see configs/train/*.py): model (ModelConfig fields), init (params: '' random | reference
 folder; ckpt: a `convert_weights.py to-jax` folder, whose model config and Lance params are used; then
-`init.model_overrides` adjusts the config), optimizer, freeze, ema_decay, mesh, data (pipeline.make_dataset), train (steps, log_every,
+`init.model_overrides` adjusts the config), optimizer, freeze, ema_decay, mesh, data (pipeline.make_dataset;
+`data.prefetch`: batches built ahead in a background thread, 0 = none, see data/prefetch.py), train (steps, log_every,
 save_every, keep, seed, timesteps). Re-running the same command with the same workdir resumes from the
 latest checkpoint (params, optimizer, EMA, step, rng and the data iterator state).
 
@@ -25,6 +26,7 @@ import numpy as np
 from lance_jax import sharding as S
 from lance_jax.config import model_config_from_dict
 from lance_jax.data import pipeline as PL
+from lance_jax.data import prefetch as PF
 from lance_jax.models.lance import Lance
 from lance_jax.train import checkpoint as C
 from lance_jax.train import freeze as F
@@ -147,26 +149,36 @@ def run(config, workdir: str, *, progress: bool = True, console=print, mesh=None
 
         bar = tqdm(total=total, initial=start, dynamic_ncols=True)
     t0, tokens = time.time(), 0
-    with S.use_mesh(mesh):
+    pending = None  # the previous step's metrics, read once the device has moved on to the next step
+    # the iterator was restored above, before the prefetch thread takes it over
+    with S.use_mesh(mesh), PF.prefetch(it, int(config.data.get("prefetch", 2))) as batches:
         for s in range(start, total):
-            batch = next(it)
+            batch = next(batches)
             tokens += int((batch["sample"] >= 0).sum()) * jax.process_count()
             state, m = jstep(state, global_batch(batch, mesh, b_sh, int(config.data.batch_size)), Sp.step_rng(state))
-            avg.add(m)
+            # Reading metrics waits for their step. Waiting for step s-1 while step s is queued keeps the
+            # device busy and at most two steps in flight; only log steps wait for the step just dispatched.
+            if pending is not None:
+                avg.add(pending)
+            pending = m
             done = s + 1
             if done % int(config.train.log_every) == 0 or done == total:
+                avg.add(pending)
+                pending = None
                 vals = avg.result()
                 dt = time.time() - t0
                 vals.update(tokens_per_s=tokens / max(dt, 1e-9), steps_per_s=config.train.log_every / max(dt, 1e-9))
-                vals.update({f"data_{k}": v for k, v in PL.pack_stats(it).items()
+                # the consumed batches' counters: the live iterator belongs to the prefetch thread
+                vals.update({f"data_{k}": v for k, v in PL.pack_stats(batches).items()
                              if isinstance(v, (int, float))})
                 last = writer.write(done, vals)
                 t0, tokens = time.time(), 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
             if done % int(config.train.save_every) == 0 or done == total:  # collective: every process saves
-                ckpt.save(done, state, it.get_state(), force=True)
+                ckpt.save(done, state, batches.get_state(), force=True)  # resumes after the last consumed batch
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
     if bar is not None:
         bar.close()
     ckpt.close()
