@@ -180,6 +180,16 @@ def test_non_finite_step_is_skipped(built):
 def test_schedule_and_freeze_masks():
     s = O.lr_schedule(1e-4, 500)
     assert float(s(0)) == 0.0 and np.isclose(float(s(250)), 5e-5) and np.isclose(float(s(10_000)), 1e-4)
+    # one cosine half-cycle (num_cycles 0.5, passed through make_optimizer): peak after warm-up, half-way down
+    # mid-run, min_lr from the last step on; the reference's default (5 cycles) is back at the peak there
+    opt = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=10, schedule="cosine", total_steps=110, min_lr=1e-5,
+                                         num_cycles=0.5, b1=0.9, b2=0.95, eps=1e-15, clip_norm=1.0))
+    _, half = O.make_optimizer(opt, {"w": True})
+    assert np.isclose(float(half(10)), 1e-3) and np.isclose(float(half(60)), 0.5 * (1e-3 + 1e-5), rtol=1e-5)
+    assert np.isclose(float(half(110)), 1e-5) and np.isclose(float(half(500)), 1e-5)
+    with opt.unlocked():
+        del opt["num_cycles"]
+    assert np.isclose(float(O.make_optimizer(opt, {"w": True})[1](110)), 1e-3)
     params = {"language_model": {"embed_tokens": {"embedding": 0}, "lm_head": {"kernel": 0}, "norm": {"scale": 0},
                                  "layers": {"mlp_moe_gen": {"k": 0}, "mlp": {"k": 0}}}, "vae2llm": {"kernel": 0}}
     und = ml_collections.ConfigDict(dict(FREEZE.to_dict(), und=True))

@@ -70,7 +70,8 @@ def adamw(schedule, *, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-15, cl
 def make_optimizer(opt_cfg, trainable_mask: Any) -> tuple[optax.GradientTransformation, Any]:
     """(transform, schedule) from an `optimizer` ConfigDict; frozen leaves (mask False) get no state, zero update."""
     schedule = lr_schedule(opt_cfg.lr, opt_cfg.warmup_steps, opt_cfg.get("schedule", "constant"),
-                           total_steps=opt_cfg.get("total_steps", 500_000), min_lr=opt_cfg.get("min_lr", 1e-6))
+                           total_steps=opt_cfg.get("total_steps", 500_000), min_lr=opt_cfg.get("min_lr", 1e-6),
+                           num_cycles=opt_cfg.get("num_cycles", 5.0))
     inner = adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, clip_norm=opt_cfg.clip_norm,
                   weight_decay=opt_cfg.get("weight_decay", 0.0))
     labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask)
