@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     und.add_argument("--max-new-tokens", type=int, default=256)
     und.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the reference)")
     und.add_argument("--top-p", type=float, default=1.0)
+    und.add_argument("--x2t-training-positions", action="store_true",
+                     help="decode with the MaPE-shifted ids of training (ViT T from 1000); default: the released "
+                          "inference's unshifted ids")
     run = p.add_argument_group("execution")
     run.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
     run.add_argument("--param-dtype", choices=("keep", "float32", "bfloat16"), default="keep")
@@ -104,7 +107,8 @@ def main(argv=None) -> int:
         kv_position_quirk=not args.clean_uncond_positions,
         sample_posterior=not args.vae_mean, posterior_seed=args.posterior_seed, fps=args.fps,
         max_duration=args.max_duration)
-    text = pipelines.TextSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    text = pipelines.TextSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                 training_positions=args.x2t_training_positions)
     started = time.perf_counter()
     try:
         settings.validate()

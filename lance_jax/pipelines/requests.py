@@ -130,6 +130,10 @@ class TextSettings:
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    # The released understanding inference builds unshifted position ids while training shifts the ViT block's
+    # T ids to 1000+ (spec 20 §2.5, §6.1). False reproduces the release; True decodes with the training ids,
+    # which a model trained only by us (the embedded demo) needs: its answers never saw the unshifted layout.
+    training_positions: bool = False
 
     @property
     def greedy(self) -> bool:

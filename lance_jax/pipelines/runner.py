@@ -490,7 +490,7 @@ class LanceRunner:
         self.check_length(built.num_tokens + max_new, f"{task} (prompt + {max_new} new tokens)")
         with timer("plan"):
             try:
-                plan = plan_understanding(built.layout, self.cfg, max_new)
+                plan = plan_understanding(built.layout, self.cfg, max_new, shift=text.training_positions)
             except ValueError as err:
                 raise InferenceError(str(err)) from None
         with timer("vit"):
