@@ -177,3 +177,47 @@ def test_shortened_demo_runs_every_task(tmp_path, monkeypatch):
     # the cache is reused: a second run does not train again
     cached = DR.cache_dir(DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"), argv[2:]))
     assert os.path.isfile(os.path.join(cached, "lance_checkpoint.json"))
+
+
+def test_demo_config_ties_the_decay_to_the_run_and_keys_the_cache_on_the_data(monkeypatch):
+    """The LR decay ends with --config.train.steps; the checkpoint cache key changes with the step count and
+    with synthetic.DATA_VERSION (new rows must not reuse a model trained on the old ones)."""
+    from lance_jax.data import synthetic as SY
+    from lance_jax.demo import run as DR
+
+    short = DR.load_config(DR.DEFAULT_CONFIG, "/tmp/unused-demo-root", ["--config.train.steps=40"])
+    assert short.optimizer.total_steps == 40 and short.optimizer.schedule == "cosine"
+    default = DR.load_config(DR.DEFAULT_CONFIG, "/tmp/unused-demo-root", [])
+    assert default.optimizer.total_steps == default.train.steps
+    key = DR.cache_key(default)
+    assert DR.cache_key(short) != key
+    monkeypatch.setattr(SY, "DATA_VERSION", SY.DATA_VERSION + 1)
+    assert DR.cache_key(default) != key
+
+
+def test_x2t_training_positions_shift_the_vit_block(demo_ckpt, monkeypatch):
+    """TextSettings.training_positions decodes with the training layout's ids (ViT T ids from 1000, spec 20
+    §2.5); the default keeps the released inference's unshifted ids."""
+    from lance_jax import kv_plan, positions
+    from lance_jax.pipelines import LanceRunner, TextSettings
+
+    seen = []
+    plan = kv_plan.plan_understanding
+
+    def spy(layout, cfg, max_new, **kw):
+        out = plan(layout, cfg, max_new, **kw)
+        seen.append((kw.get("shift", False), out.debug["prefill_pos"][0, out.debug["vit_token_indexes"]]))
+        return out
+
+    monkeypatch.setattr(kv_plan, "plan_understanding", spy)
+    out, _, _ = demo_ckpt
+    runner = LanceRunner(out, progress=False)
+    image = np.zeros((32, 32, 3), np.uint8)
+    for shifted in (False, True):
+        res = runner.x2t_image("What color is the shape?", image, resolution="32/112",
+                               text=TextSettings(max_new_tokens=2, training_positions=shifted))
+        assert isinstance(res.text, str)
+    (s0, t0), (s1, t1) = seen
+    assert (s0, s1) == (False, True)
+    assert t0.max() < positions.VIT_T_START <= t1.min()  # the block (from its start token) moved to 1000
+    np.testing.assert_array_equal(t1 - t1.min(), t0 - t0.min())  # inside the block nothing changes

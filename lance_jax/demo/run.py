@@ -40,6 +40,9 @@ def cache_key(config) -> str:
     keep = copy.deepcopy({k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
                           for k in ("model", "optimizer", "freeze", "ema_decay", "train", "data")})
     keep["demo"] = {k: v for k, v in config.demo.to_dict().items() if k in ("size", "vit_side", "seed", "rows")}
+    from lance_jax.data.synthetic import DATA_VERSION
+
+    keep["demo"]["data_version"] = DATA_VERSION
     for g in keep["data"]["groups"]:
         g.pop("path", None)  # where the shards live does not change them
     for k in ("tokenizer", "encoder_ckpt"):
@@ -88,7 +91,8 @@ def stage_data(config, console=print) -> None:
     if os.path.isfile(summary_path):
         with open(summary_path) as f:
             have = json.load(f)
-        if {t: v["rows"] for t, v in have["tasks"].items()} == want and have["seed"] == int(d.seed):
+        if ({t: v["rows"] for t, v in have["tasks"].items()} == want and have["seed"] == int(d.seed)
+                and have.get("version") == SY.DATA_VERSION):
             return
     SY.write_demo_shards(shards, want, int(d.seed), "train", int(d.size))
     console(f"wrote {shards}")
@@ -154,20 +158,22 @@ def infer_flags(config) -> list[str]:
     return ["--height", str(d.size), "--width", str(d.size), "--frames", "9", "--resolution",
             f"{d.size}/{d.vit_side}", "--steps", str(d.steps), "--shift", str(d.shift), "--cfg-scale",
             str(d.cfg_scale), "--cfg-interval", *[str(x) for x in d.cfg_interval], "--max-new-tokens", "12",
-            "--quiet"]
+            "--quiet"] + (["--x2t-training-positions"] if d.get("x2t_training_positions", True) else [])
 
 
-def stage_infer(config, ckpt: str, console=print) -> str:
-    """Run every task (held-out cases) through infer.py; returns the evaluation manifest path."""
+def stage_infer(config, ckpt: str, console=print, tasks: list[str] | None = None) -> str:
+    """Run every task (or `tasks`) on the held-out cases through infer.py; returns the evaluation manifest path."""
     from lance_jax.data import synthetic as SY
 
     d = config.demo
     ev = os.path.join(d.root, "eval")
     os.makedirs(os.path.join(ev, "inputs"), exist_ok=True)
-    cases = SY.heldout_cases(int(d.eval_per_task), int(d.seed) + 1, int(d.size))
+    cases = SY.heldout_cases(int(d.eval_per_task), int(d.seed) + 1, int(d.size), split=d.get("eval_split", "heldout"))
     multi = multi_edit_case(cases)
     by_task: dict[str, list[dict]] = {}
     for case in cases + ([multi] if multi else []):
+        if tasks and case["task"] not in tasks:
+            continue
         by_task.setdefault(case["task"], []).append(case)
     manifest = dict(ckpt=ckpt, cases=[])
     for task, group in by_task.items():
@@ -223,6 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--stage", choices=STAGES + ("all",), default="all")
     p.add_argument("--retrain", action="store_true", help="train even when a cached checkpoint exists")
     p.add_argument("--ckpt", help="evaluate this demo checkpoint instead of the trained / cached one")
+    p.add_argument("--tasks", help="comma-separated tasks to run and score (default: all, incl. multi_edit)")
     args, overrides = p.parse_known_args(argv)
     config = load_config(args.config, os.path.abspath(args.root), overrides)
     t0 = time.time()
@@ -234,7 +241,7 @@ def main(argv=None) -> int:
         ckpt = stage_train(config, retrain=args.retrain)
     manifest = os.path.join(config.demo.root, "eval", "manifest.json")
     if "infer" in stages:
-        manifest = stage_infer(config, ckpt)
+        manifest = stage_infer(config, ckpt, tasks=args.tasks.split(",") if args.tasks else None)
     if "evaluate" in stages:
         stage_evaluate(manifest)
     print(f"demo finished in {time.time() - t0:.0f} s")
