@@ -386,8 +386,8 @@ def write_demo_shards(out_dir: str, counts: dict, seed: int, split: str = "train
     files}}}."""
     from tqdm import tqdm
 
-    summary = dict(version=DATA_VERSION, split=split, seed=seed, size=size, frames=FRAMES, fps=FPS, heldout=[list(p) for p in HELDOUT],
-                   tasks={})
+    summary = dict(version=DATA_VERSION, split=split, seed=seed, size=size, frames=FRAMES, fps=FPS,
+                   heldout=[list(p) for p in HELDOUT], tasks={})
     for task, n in counts.items():
         path = os.path.join(out_dir, task)
         writer = ShardWriter(path, rows_per_shard=rows_per_shard, row_group_size=row_group_size)

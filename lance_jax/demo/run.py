@@ -168,7 +168,8 @@ def stage_infer(config, ckpt: str, console=print, tasks: list[str] | None = None
     d = config.demo
     ev = os.path.join(d.root, "eval")
     os.makedirs(os.path.join(ev, "inputs"), exist_ok=True)
-    cases = SY.heldout_cases(int(d.eval_per_task), int(d.seed) + 1, int(d.size), split=d.get("eval_split", "heldout"))
+    cases = SY.heldout_cases(int(d.eval_per_task), int(d.seed) + 1, int(d.size),
+                             split=d.get("eval_split", "heldout"))
     multi = multi_edit_case(cases)
     by_task: dict[str, list[dict]] = {}
     for case in cases + ([multi] if multi else []):
