@@ -193,6 +193,10 @@ def test_demo_config_ties_the_decay_to_the_run_and_keys_the_cache_on_the_data(mo
     assert DR.cache_key(short) != key
     monkeypatch.setattr(SY, "DATA_VERSION", SY.DATA_VERSION + 1)
     assert DR.cache_key(default) != key
+    assert DR.task_list("t2i, x2t_image,multi_edit") == ["t2i", "x2t_image", "multi_edit"]
+    with pytest.raises(SystemExit):  # a typo stops the command before the data / train stages
+        DR.main(["--root", "/tmp/unused-demo-root", "--tasks", "t2i,x2t_imgae"])
+    assert not os.path.exists("/tmp/unused-demo-root")
 
 
 def test_x2t_training_positions_shift_the_vit_block(demo_ckpt, monkeypatch):

@@ -223,6 +223,19 @@ def stage_evaluate(manifest: str, console=print) -> dict:
     return scores
 
 
+def task_list(text: str) -> list[str]:
+    """`--tasks` value -> task names; unknown names are an error before any stage runs (a typo would
+    otherwise train, then score nothing)."""
+    from lance_jax.data.synthetic import EVAL_TASKS
+
+    known = EVAL_TASKS + ("multi_edit",)
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in known]
+    if bad or not tasks:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {bad or [text]}; choose from {', '.join(known)}")
+    return tasks
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG)
@@ -230,7 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--stage", choices=STAGES + ("all",), default="all")
     p.add_argument("--retrain", action="store_true", help="train even when a cached checkpoint exists")
     p.add_argument("--ckpt", help="evaluate this demo checkpoint instead of the trained / cached one")
-    p.add_argument("--tasks", help="comma-separated tasks to run and score (default: all, incl. multi_edit)")
+    p.add_argument("--tasks", type=task_list, help="comma-separated tasks to run and score (default: all, incl. "
+                   "multi_edit)")
     args, overrides = p.parse_known_args(argv)
     config = load_config(args.config, os.path.abspath(args.root), overrides)
     t0 = time.time()
@@ -242,7 +256,7 @@ def main(argv=None) -> int:
         ckpt = stage_train(config, retrain=args.retrain)
     manifest = os.path.join(config.demo.root, "eval", "manifest.json")
     if "infer" in stages:
-        manifest = stage_infer(config, ckpt, tasks=args.tasks.split(",") if args.tasks else None)
+        manifest = stage_infer(config, ckpt, tasks=args.tasks)
     if "evaluate" in stages:
         stage_evaluate(manifest)
     print(f"demo finished in {time.time() - t0:.0f} s")
