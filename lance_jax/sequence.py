@@ -110,12 +110,15 @@ def caption_prompt(index: int, v: str = "image") -> str:
     return CAPTION_PROMPTS[index].replace("{v}", v)
 
 
-def render_chat(system: str, user: Sequence, assistant: Sequence) -> str:
-    """The template string; items are text (str) or `None` for a vision item."""
+def render_chat(system: str, user: Sequence, assistant: Sequence, *, follow_ups: Sequence = ()) -> str:
+    """The template string; items are text (str) or `None` for a vision item. follow_ups: further
+    (user items, assistant items) turns of a multi-turn conversation, rendered after the first exchange."""
     def items(xs):
         return "".join(VISION_ITEM if x is None else x for x in xs)
-    return (IM_START + "system\n" + system + IM_END + "\n" + IM_START + "user\n" + items(user) + IM_END + "\n"
-            + IM_START + "assistant\n" + items(assistant) + IM_END).strip()
+    turns = [(user, assistant), *follow_ups]
+    return (IM_START + "system\n" + system + IM_END + "\n"
+            + "\n".join(IM_START + "user\n" + items(u) + IM_END + "\n" + IM_START + "assistant\n" + items(a) + IM_END
+                        for u, a in turns)).strip()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,7 +366,8 @@ def build_generation(task: str, caption: str | None, *, tokenizer: Tokenizer, cf
 
 
 def build_understanding(task: str, question: str | None, *, tokenizer: Tokenizer, cfg, vit_grid,
-                        instruction: str = DEFAULT_X2T_INSTRUCTION, answer: str | None = None) -> BuiltSample:
+                        instruction: str = DEFAULT_X2T_INSTRUCTION, answer: str | None = None,
+                        follow_ups: Sequence[tuple[str, str, bool]] = (), answer_loss: bool = True) -> BuiltSample:
     """One understanding sample (x2t_image, x2t_video): [system instruction] [ViT block, question] [answer].
 
     vit_grid: [T/2, H/14, W/14] (patch units). answer=None: the inference prompt, ending with
@@ -371,6 +375,13 @@ def build_understanding(task: str, question: str | None, *, tokenizer: Tokenizer
     With an answer: the training sample incl. the closing `<|im_end|>`, with CE indexes (label index - 1)
     and labels for every token after the first `assistant\\n` through the final `<|im_end|>`.
     An empty question is omitted from the user turn.
+
+    follow_ups (training only): further (question, answer, supervised) turns about the same ViT block, a
+    fully specified multi-turn sample (the canonical rows' per-element `loss` flag). The first answer (unless
+    answer_loss is False) and the supervised follow-up answers get labels from their `assistant\\n` through
+    their `<|im_end|>`; the
+    reference has no such rows (it cuts one target per visit) -- they give more answer tokens per encoded
+    image. Without follow-ups the sample is exactly the reference's.
     """
     _check_task(task)
     if task not in UNDERSTANDING_TASKS:
@@ -380,10 +391,17 @@ def build_understanding(task: str, question: str | None, *, tokenizer: Tokenizer
         _check_text("question", question)
     if answer is not None:
         _check_text("answer", answer)
+    if follow_ups and answer is None:
+        raise ValueError("follow-up turns need the first turn's answer (multi-turn samples are training samples)")
+    if not answer_loss and not any(s for _, _, s in follow_ups):
+        raise ValueError("answer_loss=False needs a supervised follow-up turn: the sample would have no CE label")
+    for q, a, _ in follow_ups:
+        _check_text("follow-up question", q)
+        _check_text("follow-up answer", a)
     merge = int(cfg.spatial_merge_size)
     blocks = [_vit_block("vit_grid", vit_grid, merge)]
     user = [None] + ([question] if question else [])
-    rendered = render_chat(instruction, user, [answer or ""])
+    rendered = render_chat(instruction, user, [answer or ""], follow_ups=[([q], [a]) for q, a, _ in follow_ups])
     sample, ids = _assemble(task, rendered, blocks, tokenizer=tokenizer, cfg=cfg, caption=None,
                             sample_task=SAMPLE_TASK_CODES["t2v"])
     anchor = tokenizer.encode(ASSISTANT_ANCHOR)
@@ -401,11 +419,38 @@ def build_understanding(task: str, question: str | None, *, tokenizer: Tokenizer
         lens[-1] -= int(ends[k] - answer_start)
         sample.layout = SampleLayout(input_ids=lay.input_ids[:answer_start], modality=lay.modality[:answer_start],
                                      split_lens=lens, attn_modes=list(lay.attn_modes[:k + 1]), grids=lay.grids)
-    else:
+    elif not follow_ups:
         labels_at = np.arange(answer_start, len(ids), dtype=np.int64)
         sample.ce_indexes = labels_at - 1
         sample.ce_labels = ids[labels_at].astype(np.int64)
+    else:
+        labels_at = np.concatenate(_answer_spans(ids, answer_start, anchor, tokenizer,
+                                                 [answer_loss] + [bool(s) for _, _, s in follow_ups]))
+        sample.ce_indexes = labels_at - 1
+        sample.ce_labels = ids[labels_at].astype(np.int64)
     return sample
+
+
+def _answer_spans(ids: np.ndarray, first_start: int, anchor: Sequence[int], tokenizer: Tokenizer,
+                  supervised: Sequence[bool]) -> list[np.ndarray]:
+    """Token indexes of each supervised assistant answer (through its `<|im_end|>`) of a multi-turn sample whose
+    first answer starts at `first_start`; later answers start after the next `assistant\\n` run."""
+    im_end = tokenizer.token_id(IM_END)
+    spans, start = [], first_start
+    for k, keep in enumerate(supervised):
+        if k:
+            a = _find_run(ids, anchor, start)
+            if a < 0:
+                raise ValueError(f"turn {k} of the multi-turn sample has no 'assistant\\n' token run")
+            start = a + len(anchor)
+        ends = np.flatnonzero(ids[start:] == im_end)
+        if not len(ends):
+            raise ValueError(f"answer {k} of the multi-turn sample has no closing {IM_END}")
+        stop = start + int(ends[0]) + 1
+        if keep:
+            spans.append(np.arange(start, stop, dtype=np.int64))
+        start = stop
+    return spans
 
 
 # ---------------------------------------------------------------------------------------------------

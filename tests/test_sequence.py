@@ -329,6 +329,33 @@ def test_worked_example_b_x2t_image(tok, cfg):
     assert bare.layout.split_lens.tolist() == [p, 6, s]
 
 
+def test_multi_turn_understanding_supervises_flagged_answers(tok, cfg):
+    """Follow-up turns about the same ViT block: one conversation, one ViT block; CE labels are exactly the
+    supervised answers (each through its <|im_end|>), and the first turn's prompt is the single-turn prompt."""
+    q1, a1, q2, a2, q3, a3 = "Any cats?", "Yes.", "How many?", "Two.", "Colour?", "Black and white."
+    grid = vit_grid(1, 56, 56)
+    kw = dict(tokenizer=tok, cfg=cfg, vit_grid=grid)
+    single = S.build_understanding("x2t_image", q1, answer=a1, **kw)
+    multi = S.build_understanding("x2t_image", q1, answer=a1, follow_ups=[(q2, a2, False), (q3, a3, True)], **kw)
+    assert multi.rendered == single.rendered + "\n" + "\n".join(
+        f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>" for q, a in ((q2, a2), (q3, a3)))
+    ids = multi.layout.input_ids
+    np.testing.assert_array_equal(ids[:len(single.layout.input_ids)], single.layout.input_ids)
+    assert len(multi.vision_blocks) == 1 and multi.layout.attn_modes == ["causal", "full", "causal"]
+    # a1 and a3 are supervised (a2 is not), each with its closing <|im_end|>, predicted from the position before
+    want = tok.encode(a1) + [tok.im_end_id] + tok.encode(a3) + [tok.im_end_id]
+    assert multi.ce_labels.tolist() == want
+    np.testing.assert_array_equal(ids[multi.ce_indexes + 1], multi.ce_labels)
+    np.testing.assert_array_equal(multi.ce_indexes[:len(single.ce_indexes)], single.ce_indexes)
+    assert multi.ce_indexes[-1] == len(ids) - 2
+    a3_from = multi.ce_indexes[len(single.ce_indexes)] + 1
+    assert tok.decode(ids[:a3_from]).endswith(f"{q3}<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="follow-up turns need the first turn's answer"):
+        S.build_understanding("x2t_image", q1, follow_ups=[(q2, a2, True)], **kw)
+    with pytest.raises(ValueError, match="follow-up answer"):
+        S.build_understanding("x2t_image", q1, answer=a1, follow_ups=[(q2, "<|im_end|>", True)], **kw)
+
+
 def test_worked_example_c_image_edit(tok, cfg):
     ins = "Remove the hat."
     b = S.build_generation("image_edit", ins, tokenizer=tok, cfg=cfg, target_latent_grid=(1, 2, 2),

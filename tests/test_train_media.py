@@ -149,6 +149,13 @@ def _write_video_folder(d):
     with open(os.path.join(d, "rows.jsonl"), "w") as f:
         f.write(json.dumps(dict(input_image="src/in.png", output_image="src/out.png", caption="make it blue")) + "\n")
         f.write(json.dumps(dict(video="clip.mp4", question="what moves?", answer="a red square")) + "\n")
+        # a fully specified multi-turn conversation: the first answer is supervised, the second is not
+        turns = [("What color?", "red", True), ("Which way?", "left", False), ("what moves?", "a red square", None)]
+        els = [dict(type="video", media="clip.mp4")]
+        for q, a, flag in turns:
+            els += [dict(type="text", text=q), dict(type="text", role="assistant", text=a, loss=flag,
+                                                     is_target_candidate=flag is None or None)]
+        f.write(json.dumps(dict(elements=els)) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -159,10 +166,10 @@ def video_setup(media_setup):
 
     folder, shards = str(media_setup["root"] / "vids"), str(media_setup["root"] / "vid_shards")
     _write_video_folder(folder)
-    assert write_shards.main(["--input", folder, "--out", shards])["num_rows"] == 3
+    assert write_shards.main(["--input", folder, "--out", shards])["num_rows"] == 4
     src = ShardSource(shards)
     rows = {r["source_schema"]: r for r in (src[i] for i in range(len(src)))}
-    assert set(rows) == {"text2video_general", "image2image", "x2t_general"}, set(rows)
+    assert set(rows) == {"text2video_general", "image2image", "x2t_general", "interleave"}, set(rows)
     return dict(rows=rows, cfg=converter.checkpoint_config(media_setup["ckpt"]))
 
 
@@ -236,6 +243,22 @@ def test_edit_pair_and_video_qa_records(media_setup, video_setup):
     assert q["vit_embeds"].shape == (5 * 4, cfg.vit_out_hidden_size), q["vit_embeds"].shape
     answer = b.tok.encode("a red square")  # the labels end with the answer's tokens, then EOS
     assert list(q["ce_labels"][-len(answer) - 1:-1]) == list(answer), (q["ce_labels"], answer)
+
+
+def test_multi_turn_qa_record_supervises_flagged_answers(media_setup, video_setup):
+    """A fully specified multi-turn QA row (jsonl `elements` with per-element `loss` flags, through the shard
+    writer): one ViT block, CE on the flagged answer and the target, not on the unflagged one."""
+    row = video_setup["rows"]["interleave"]
+    assert [e["loss"] for e in row["elements"][2::2]] == [True, False, None]
+    b = _builder(media_setup)
+    single = b(video_setup["rows"]["x2t_general"], np.random.default_rng(0))
+    multi = b(row, np.random.default_rng(0))
+    eos = video_setup["cfg"].eos_token_id
+    want = b.tok.encode("red") + [eos] + list(single["ce_labels"])
+    assert list(multi["ce_labels"]) == want
+    assert np.array_equal(multi["ids"][multi["ce_index"] + 1], multi["ce_labels"])
+    assert np.array_equal(multi["vit_embeds"], single["vit_embeds"]) and len(multi["vit_index"]) == len(single["vit_index"])
+    assert b.tok.decode(multi["ids"]).count(b.tok.decode([b.tok.im_start_id]) + "assistant") == 3
 
 
 def _params(ckpt_dir, step):

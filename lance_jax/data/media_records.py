@@ -95,10 +95,10 @@ class MediaRecordBuilder:
         tgt = max((i for i, e in enumerate(els) if e.get("is_target_candidate")), default=len(els) - 1)
         target, conds = els[tgt], els[:tgt]
         media = [e for e in conds if e["type"] in ("image", "video")]
-        text = " ".join((e.get("text") or "").strip() for e in conds if e["type"] == "text").strip()
         cache: dict = {}
         if target["type"] == "text":
-            return self._understanding(row, media, text, target, rng, cache, source)
+            return self._understanding(row, media, conversation(conds, target), rng, cache, source)
+        text = " ".join((e.get("text") or "").strip() for e in conds if e["type"] == "text").strip()
         return self._generation(media, text, target, rng, cache, source)
 
     def _generation(self, media, caption, target, rng, cache, source):
@@ -142,9 +142,10 @@ class MediaRecordBuilder:
         return R.layout_record(s.layout, self.cfg, latents=latents, vit_embeds=vit_embeds, target_rows=target_rows,
                                clean_target_rows=clean, z=z, source=source)
 
-    def _understanding(self, row, media, question, target, rng, cache, source):
+    def _understanding(self, row, media, turns, rng, cache, source):
         if not media:
             raise ValueError("understanding row without media")
+        (question, answer, answer_loss), follow_ups = turns[0], turns[1:]
         kind = media[0]["type"]
         task = "x2t_image" if kind == "image" else "x2t_video"
         prompt_i = int(rng.integers(len(SQ.CAPTION_PROMPTS)))
@@ -156,11 +157,29 @@ class MediaRecordBuilder:
             instruction = SQ.caption_prompt(prompt_i, kind)
         embeds, grid = self._vit(media[0], cache)
         s = SQ.build_understanding(task, question or None, tokenizer=self.tok, cfg=self.cfg, vit_grid=grid,
-                                   instruction=instruction, answer=(target.get("text") or "").strip())
+                                   instruction=instruction, answer=answer, follow_ups=follow_ups,
+                                   answer_loss=answer_loss)
         latents = np.zeros((0, self.cfg.patch_latent_dim), np.float32)
         return R.layout_record(s.layout, self.cfg, latents=latents, vit_embeds=embeds,
                                target_rows=np.zeros(0, bool), z=0.0, ce_index=s.ce_indexes, ce_labels=s.ce_labels,
                                source=source)
+
+
+def conversation(conds: list[dict], target: dict) -> list[tuple[str, str, bool]]:
+    """(question, answer, supervised) turns of an understanding row: the user texts before each assistant
+    text form its question; earlier assistant answers are supervised only when their `loss` flag is set
+    (a fully specified multi-turn row); the target answer always is. One turn for a plain QA row."""
+    turns, question = [], []
+    for e in conds:
+        if e["type"] != "text":
+            continue
+        text = (e.get("text") or "").strip()
+        if e.get("role") == "assistant":
+            turns.append((" ".join(question).strip(), text, bool(e.get("loss"))))
+            question = []
+        else:
+            question.append(text)
+    return turns + [(" ".join(question).strip(), (target.get("text") or "").strip(), True)]
 
 
 def make_builder(group, cfg, data_cfg) -> MediaRecordBuilder | None:

@@ -7,7 +7,8 @@ Inputs:
     plus the rows of any `.jsonl` files in it (format below; media paths relative to the folder);
   * a folder of reference Parquet files (any of the six local layouts; adapted, media copied inline);
   * a `.jsonl` file, one object per line, either {"elements": [...canonical elements...], ...} with `media`
-    given as a path (relative to the jsonl) or {"caption"/"image"/"video"/"input_image"/"output_image"/
+    given as a path (relative to the jsonl; a multi-turn QA conversation marks earlier supervised answers
+    with "loss": true) or {"caption"/"image"/"video"/"input_image"/"output_image"/
     "question"/"answer"/"system": ...} shorthands (paths for media).
 Prints the number of rows and files; writes OUT/index.json.
 """
@@ -94,7 +95,7 @@ def rows_from_jsonl(path: str):
                 for e in o["elements"]:
                     if e["type"] == "text":
                         els.append(S.element("text", e.get("role", "user"), text=e["text"],
-                                             is_target_candidate=e.get("is_target_candidate")))
+                                             is_target_candidate=e.get("is_target_candidate"), loss=e.get("loss")))
                     else:
                         els.append(_media_element(e["type"], e.get("role", "user"), _read(p(e["media"])),
                                                   bool(e.get("is_target_candidate"))))
