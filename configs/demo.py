@@ -34,7 +34,8 @@ def model() -> ml_collections.ConfigDict:
                   mrope_section=[4, 6, 6], rope_theta=10.0, rope_bf16_inv_freq=False,
                   max_latent_size=SIZE // 4, max_num_frames=9, timestep_shift=1.0, ce_weight=1.0,
                   timestep_embed_dim=128, vit_out_hidden_size=128, autoencoder="pixel",
-                  dtype="float32", remat_policy="none", scan_layers=True,
+                  # unrolled layers: ~10% faster steps than a scanned stack on 2 CPU cores (4 layers compile fast)
+                  dtype="float32", remat_policy="none", scan_layers=False,
                   # blockwise: 1.7x faster steps than dense on 2 CPU cores at 768-slot rows (fewer bytes moved)
                   attention_impl="blockwise", attention_block_size=256))
     m.update(demo_model_ids())
@@ -65,16 +66,19 @@ def get_config(root: str = "") -> ml_collections.ConfigDict:
     # a constant-LR run, and the anneal turns that into sharper samples within the same step budget
     c.optimizer.update(dict(lr=1.5e-3, warmup_steps=100, schedule="cosine", num_cycles=0.5, min_lr=1.5e-5))
     c.freeze.update(dict(embed_and_head=False))  # random init: the embeddings and the LM head must learn too
-    c.ema_decay = 0.995
+    c.ema_decay = 0.9975  # ~400 steps, the same number of records as 0.995 at 4 rows per step
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
-    c.train.update(dict(steps=1200, log_every=50, save_every=250, keep=2, seed=0, timesteps="device"))
+    # 2 rows per step, 1,800 steps: the same records as 4 x 900 but twice the updates (at 4 rows x 1,200 steps
+    # the run took ~19 min; at 2 x 1,800 ~14.5 min with t2i 0.80 vs 0.55, edit colour 0.40 vs 0.15, runs J, K)
+    c.train.update(dict(steps=1800, log_every=50, save_every=500, keep=2, seed=0, timesteps="device"))
     c.optimizer.total_steps = c.train.get_ref("steps")  # the decay ends with the run, also under --config.train.steps
-    c.data.update(dict(seed=0, batch_size=4, token_budget=None, drop_overflow=False,
+    c.data.update(dict(seed=0, batch_size=2, token_budget=None, drop_overflow=False,
                        tokenizer=os.path.join(root, "encoders", "reference", "model"),
                        encoder_ckpt=os.path.join(root, "encoders"),
                        max_bad_fraction=0.01, min_records_for_report=50, fail_on_bad_shard=True))
-    # one packed row: a video edit (2 x 192 latents + ~110 text / ViT tokens) fits, so nothing is too long
-    c.data.capacities = ml_collections.ConfigDict(dict(und=256, gen=512, ce=32, vit=128))
+    # one packed row: a video edit (2 x 192 latents + ~110 text / ViT tokens) fits, so nothing is too long;
+    # und / CE room for a three-turn video QA conversation (~145 und tokens, ~10 CE labels) beside other records
+    c.data.capacities = ml_collections.ConfigDict(dict(und=320, gen=512, ce=48, vit=128))
     c.data.groups = groups(root)
     c.demo = ml_collections.ConfigDict(dict(
         root=root, size=SIZE, vit_side=VIT_SIDE, seed=0,

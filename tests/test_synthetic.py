@@ -55,7 +55,8 @@ def test_video_moves_inside_the_frame_and_direction_is_recoverable(direction):
                    for t, m in enumerate(masks))
         assert not masks[:, [0, -1]].any() and not masks[:, :, [0, -1]].any()  # the whole path stays inside
         dy, dx = E.centroid_motion(frames, scene.background)
-        assert 9 <= max(abs(dy), abs(dx)) <= 15
+        travel = np.array(Y.VIDEO_SPEED) * (Y.FRAMES - 1)  # +-1 px: the centroid of a rasterised shape
+        assert travel[0] - 1 <= max(abs(dy), abs(dx)) <= travel[1] + 1
         assert E.motion_direction(frames, scene.background) == direction
     static = np.stack([Y.render(scene)] * 9)
     assert E.motion_direction(static, scene.background) is None
@@ -95,6 +96,23 @@ def test_texts_and_determinism():
         json.dumps(case)  # plain JSON
 
 
+def test_training_conversations_draw_distinct_question_kinds():
+    rng = np.random.default_rng(0)
+    for video in (False, True):
+        all_kinds = Y.VIDEO_QUESTIONS if video else Y.IMAGE_QUESTIONS
+        draws = [Y.question_kinds(rng, Y.QA_TURNS, video=video) for _ in range(400)]
+        for kinds in draws:
+            assert len(kinds) == Y.QA_TURNS == len(set(kinds)) and set(kinds) <= set(all_kinds)
+            assert not {"color", "any_color"} <= set(kinds)  # same answer: one would copy the other
+        first = [k[0] for k in draws]  # the first question follows the single-question weights
+        scored = "direction" if video else "color"
+        p = (Y.VIDEO_QUESTION_P if video else Y.IMAGE_QUESTION_P)[all_kinds.index(scored)]
+        assert abs(first.count(scored) / len(first) - p) < 0.08
+    assert Y.question_kinds(rng, 10, video=False).__len__() == len(Y.IMAGE_QUESTIONS) - 1
+    case = Y.make_case("x2t_video", np.random.default_rng(1), question="direction")
+    assert "follow_ups" not in case  # evaluation cases ask one question
+
+
 def test_shard_round_trip_and_training_decoder(tmp_path):
     counts = {task: 3 for task in Y.TASKS}
     summary = Y.write_demo_shards(str(tmp_path), counts, seed=0, progress=False)
@@ -109,9 +127,13 @@ def test_shard_round_trip_and_training_decoder(tmp_path):
             els, m = row["elements"], Y.case_media(case)
             assert [bool(e["is_target_candidate"]) for e in els].index(True) == len(els) - 1
             media_els = [e for e in els if e["type"] != "text"]
-            if task.startswith("x2t"):
-                assert [e["type"] for e in els][1:] == ["text", "text"] and els[2]["role"] == "assistant"
-                assert els[1]["text"] == case["prompt"] and els[2]["text"] == case["expected"]
+            if task.startswith("x2t"):  # one conversation: (question, answer) turns after the medium
+                turns = [[case["prompt"], case["expected"]]] + case["follow_ups"]
+                assert len(turns) == Y.QA_TURNS
+                assert [e["type"] for e in els][1:] == ["text"] * 2 * len(turns)
+                assert [[e["text"] for e in els[1 + 2 * i:3 + 2 * i]] for i in range(len(turns))] == turns
+                assert [e["role"] for e in els[1:]] == ["user", "assistant"] * len(turns)
+                assert all(e["loss"] for e in els[2::2])
                 assert row["system_prompt"]
                 want = [m["input"]]
             else:

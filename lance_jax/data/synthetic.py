@@ -61,8 +61,11 @@ FPS = 12
 BASE = 32  # sizes below are in pixels of a BASE-sided scene and scale with the scene side
 MARGIN = 1.0
 IMAGE_SHAPE_SIZE = (10.0, 16.0)
-VIDEO_SHAPE_SIZE = (10.0, 14.0)  # smaller than stills so that size + travel + margins fit the frame
-VIDEO_SPEED = (1.25, 1.75)  # px / frame: 10-14 px over the 8 steps of a 9-frame clip
+VIDEO_SHAPE_SIZE = (8.0, 11.0)  # smaller than stills so that size + travel + margins fit the frame
+# px / frame: 14-18 px over the 8 steps of a 9-frame clip, about two 8 px ViT tokens / 4 px latent tokens
+# between the kept frames 0, 4, 8. At 10-14 px (DATA_VERSION 2) generated objects barely moved and the
+# direction answers collapsed onto one word
+VIDEO_SPEED = (1.75, 2.25)
 IMAGE_QUESTIONS = ("color", "any_color", "background", "shape", "caption")
 VIDEO_QUESTIONS = ("direction", "color", "any_color", "background", "shape", "caption")
 # Training draws of the question kind: the scored kinds (colour of the shape / direction of motion) get
@@ -72,9 +75,14 @@ VIDEO_QUESTIONS = ("direction", "color", "any_color", "background", "shape", "ca
 # instead of reading the colour; the shape-free question trains the reading on every colour.
 IMAGE_QUESTION_P = (0.3, 0.3, 0.15, 0.1, 0.15)
 VIDEO_QUESTION_P = (0.55, 0.1, 0.1, 0.05, 0.05, 0.15)
+# Questions per training understanding row: one conversation about one encoded image / video (kinds drawn
+# without replacement, "color" and "any_color" not both). The ViT tokens dominate a row and an answer is
+# one or two CE tokens, so more turns give more answer supervision per encoded medium (~20 CE tokens per
+# step with one turn).
+QA_TURNS = 3
 # Bumped whenever the rows a seed produces change (question mix, sizes, motion): part of the shards' summary and
 # of the demo's checkpoint cache key, so stale shards are rewritten and a stale cached model is not reused.
-DATA_VERSION = 2
+DATA_VERSION = 3
 SCORED_QUESTION = {"x2t_image": "color", "x2t_video": "direction"}
 MP4_OPTIONS = dict(pix_fmt="yuv444p", crf=0)
 
@@ -254,11 +262,28 @@ def make_case(task: str, rng: np.random.Generator, *, split: str = "train", size
     elif task in ("t2v", "i2v"):
         case["prompt"] = video_caption(scene, direction)
     elif task in ("x2t_image", "x2t_video"):
-        kinds, p = (VIDEO_QUESTIONS, VIDEO_QUESTION_P) if direction else (IMAGE_QUESTIONS, IMAGE_QUESTION_P)
-        kind = question or str(rng.choice(kinds, p=p))
-        case["prompt"], case["expected"] = question_answer(kind, scene, direction)
-        case.update(question=kind, system_prompt=x2t_instruction("video" if direction else "image"))
+        kinds = [question] if question else question_kinds(rng, QA_TURNS, video=direction is not None)
+        case["prompt"], case["expected"] = question_answer(kinds[0], scene, direction)
+        case.update(question=kinds[0], system_prompt=x2t_instruction("video" if direction else "image"))
+        if len(kinds) > 1:
+            case["follow_ups"] = [list(question_answer(k, scene, direction)) for k in kinds[1:]]
     return case
+
+
+def question_kinds(rng: np.random.Generator, n: int, *, video: bool) -> list[str]:
+    """n distinct question kinds of a training conversation, drawn with the QUESTION_P weights without
+    replacement; "color" and "any_color" (same answer) exclude each other."""
+    kinds, p = (VIDEO_QUESTIONS, VIDEO_QUESTION_P) if video else (IMAGE_QUESTIONS, IMAGE_QUESTION_P)
+    w, out = np.asarray(p, np.float64), []
+    for _ in range(n):
+        k = int(rng.choice(len(kinds), p=w / w.sum()))
+        out.append(kinds[k])
+        w[k] = 0.0
+        if kinds[k] in ("color", "any_color"):
+            w[[kinds.index("color"), kinds.index("any_color")]] = 0.0
+        if not w.sum():
+            break
+    return out
 
 
 def case_scene(case: dict) -> Scene:
@@ -361,9 +386,13 @@ def case_row(case: dict) -> dict:
         elements = [user_text, media_element(m["target"], "assistant", True)]
     elif task in ("image_edit", "video_edit"):
         elements = [user_text, media_element(m["input"], "user"), media_element(m["target"], "assistant", True)]
-    else:
-        elements = [media_element(m["input"], "user"), user_text,
-                    S.element("text", "assistant", text=case["expected"], is_target_candidate=True)]
+    else:  # understanding: one conversation; earlier answers carry the explicit loss flag (multi-turn rows)
+        turns = [(case["prompt"], case["expected"])] + [tuple(t) for t in case.get("follow_ups", [])]
+        elements = [media_element(m["input"], "user")]
+        for i, (q, a) in enumerate(turns):
+            last = i == len(turns) - 1
+            elements += [S.element("text", "user", text=q),
+                         S.element("text", "assistant", text=a, is_target_candidate=last or None, loss=True)]
     return dict(id=case["id"], elements=elements, system_prompt=case.get("system_prompt"),
                 sample_task="edit" if task.endswith("_edit") else None, task_type=task,
                 source_schema="synthetic_demo", lang="en", meta=json.dumps(case, sort_keys=True))

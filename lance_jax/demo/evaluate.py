@@ -29,7 +29,7 @@ from lance_jax.data import synthetic as Y
 # still counts a shrunken or half-drawn object, while the rims a blurry generator leaves (a few px of an
 # intermediate colour scattered along an edge) stay below it.
 MIN_OBJECT_FRACTION = 12 / 1024
-# The demo moves objects 10-14 px of 32 between the first and last frame; a quarter of that still counts a
+# The demo moves objects 14-18 px of 32 between the first and last frame; a fifth of that still counts a
 # model that under-moves, while a still object redrawn with wobbling edges shifts its centroid by ~1 px.
 MIN_TRAVEL_FRACTION = 3 / 32
 # Pixels within this many px of the object are left out of the "unchanged region" PSNR: a boundary one pixel
