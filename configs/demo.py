@@ -21,6 +21,9 @@ _spec.loader.exec_module(_common)
 
 SIZE = 32  # scene side in pixels
 VIT_SIDE = 112  # ViT input side: 8x8 patches of 14 px -> 4x4 merged tokens per frame pair
+# Image questions read the ViT at 224 px: 8x8 merged tokens of 4x4 scene px. At 112 px every merged token of a
+# 10-16 px object also covers background, and answers came out as blends (red on blue -> "magenta").
+VIT_SIDES = dict(x2t_image=224)
 
 
 def model() -> ml_collections.ConfigDict:
@@ -51,7 +54,8 @@ def groups(root: str) -> list:
             ("x2t_image", ["i2t"], None, 2.5), ("x2t_video", ["v2t"], None, 2.5)]
     out = []
     for name, tasks, rates, weight in spec:
-        g = dict(common, name=name, path=os.path.join(root, "shards", name), tasks=tasks, weight=weight)
+        g = dict(common, name=name, path=os.path.join(root, "shards", name), tasks=tasks, weight=weight,
+                 vit_resolution=VIT_SIDES.get(name, VIT_SIDE))
         if rates:
             g["task_rates"] = rates
         out.append(g)
@@ -78,7 +82,7 @@ def get_config(root: str = "") -> ml_collections.ConfigDict:
                        max_bad_fraction=0.01, min_records_for_report=50, fail_on_bad_shard=True))
     # one packed row: a video edit (2 x 192 latents + ~110 text / ViT tokens) fits, so nothing is too long;
     # und / CE room for a three-turn video QA conversation (~145 und tokens, ~10 CE labels) beside other records
-    c.data.capacities = ml_collections.ConfigDict(dict(und=320, gen=512, ce=48, vit=128))
+    c.data.capacities = ml_collections.ConfigDict(dict(und=352, gen=512, ce=48, vit=160))
     c.data.groups = groups(root)
     c.demo = ml_collections.ConfigDict(dict(
         root=root, size=SIZE, vit_side=VIT_SIDE, seed=0,

@@ -266,9 +266,23 @@ def config_dict_from_file(path: str) -> ml_collections.ConfigDict:
     return module.get_config() if arg is None else module.get_config(arg)
 
 
+def _child(node, name: str, item: str):
+    """node[name] for a path component `field` or `field[i]` (list entries, as train.py's config flags)."""
+    field, *idx = name.replace("]", "").split("[")
+    if field not in node:
+        raise KeyError(f"override {item!r}: no config field {field!r}")
+    node = node[field]
+    for i in idx:
+        if not i.isdigit() or int(i) >= len(node):
+            raise KeyError(f"override {item!r}: {field} has no entry [{i}] ({len(node)} entries)")
+        node = node[int(i)]
+    return node
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
     """Apply `--config.a.b=VALUE` strings in place (VALUE read as a Python literal, else as a string);
-    the field must exist, and ConfigDict keeps its type (an int stays an int)."""
+    the field must exist (`a.list[i].b` reaches into a list), and ConfigDict keeps its type (an int stays
+    an int)."""
     import ast
 
     for item in overrides:
@@ -278,9 +292,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collecti
         *parents, leaf = dotted.split(".")
         node = config
         for name in parents:
-            if name not in node:
-                raise KeyError(f"override {item!r}: no config field {name!r}")
-            node = node[name]
+            node = _child(node, name, item)
         if leaf not in node:
             raise KeyError(f"override {item!r}: no config field {dotted!r}")
         try:

@@ -72,3 +72,18 @@ def test_command_line_overrides():
     shown = json.loads(out[: out.rindex("}") + 1])
     assert shown["num_layers"] == 2 and shown["dtype"] == "bfloat16"
     assert "parameters:" in out
+
+
+def test_apply_overrides_reaches_list_entries():
+    """`--config.data.groups[i].field=V` (the syntax train.py's config flags take) works in apply_overrides too;
+    a missing field or index names the override."""
+    from lance_jax.config import apply_overrides
+
+    c = config_dict_from_file(str(REPO / "configs/train/tiny_synthetic.py"))
+    apply_overrides(c, ["--config.data.groups[1].weight=0.25", "--config.train.steps=7"])
+    assert c.data.groups[1]["weight"] == 0.25 and c.train.steps == 7
+    assert c.data.groups[0]["weight"] != 0.25
+    with pytest.raises(KeyError, match=r"groups has no entry \[9\]"):
+        apply_overrides(c, ["--config.data.groups[9].weight=1.0"])
+    with pytest.raises(KeyError, match="no config field 'grups'"):
+        apply_overrides(c, ["--config.data.grups[0].weight=1.0"])

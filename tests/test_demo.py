@@ -199,6 +199,25 @@ def test_demo_config_ties_the_decay_to_the_run_and_keys_the_cache_on_the_data(mo
     assert not os.path.exists("/tmp/unused-demo-root")
 
 
+def test_infer_reads_each_task_at_its_training_vit_side():
+    """infer.py gets, per task, the ViT side the task's training group encodes with (a mismatch would show
+    the model token grids it never saw), also when a group's side is overridden."""
+    from lance_jax.demo import run as DR
+
+    c = DR.load_config(DR.DEFAULT_CONFIG, "/tmp/unused-demo-root", [])
+    group_of = {"t2i": "t2i", "t2v": "t2v", "i2v": "t2v", "image_edit": "image_edit", "multi_edit": "image_edit",
+                "video_edit": "video_edit", "x2t_image": "x2t_image", "x2t_video": "x2t_video"}
+    sides = {g["name"]: g["vit_resolution"] for g in c.data.groups}
+    for task, group in group_of.items():
+        flags = DR.infer_flags(c, task)
+        assert flags[flags.index("--resolution") + 1] == f"{c.demo.size}/{sides[group]}", task
+    assert sides["x2t_image"] != sides["x2t_video"]  # the per-task override is in effect
+    i = [g["name"] for g in c.data.groups].index("x2t_image")
+    other = DR.load_config(DR.DEFAULT_CONFIG, "/tmp/unused-demo-root", [f"--config.data.groups[{i}].vit_resolution=112"])
+    assert DR.infer_flags(other, "x2t_image")[DR.infer_flags(other, "x2t_image").index("--resolution") + 1] == "32/112"
+    assert DR.cache_key(other) != DR.cache_key(c)
+
+
 def test_x2t_training_positions_shift_the_vit_block(demo_ckpt, monkeypatch):
     """TextSettings.training_positions decodes with the training layout's ids (ViT T ids from 1000, spec 20
     §2.5); the default keeps the released inference's unshifted ids."""

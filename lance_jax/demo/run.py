@@ -153,10 +153,23 @@ def multi_edit_case(cases: list[dict]) -> dict | None:
                 prompt=[first["prompt"], SY.edit_instruction(shape, new)], new_colors=[first["new_color"], new])
 
 
-def infer_flags(config) -> list[str]:
+# demo tasks trained by another task's data group (the groups are named after the tasks they train)
+TRAINING_GROUP = {"i2v": "t2v", "multi_edit": "image_edit"}
+
+
+def vit_side(config, task: str) -> int:
+    """The ViT input side `task` is trained with: its data group's `vit_resolution` (else demo.vit_side), so
+    that inference shows the model the token grids of training."""
+    name = TRAINING_GROUP.get(task, task)
+    sides = [g.get("vit_resolution") for g in config.data.groups if g.get("name") == name]
+    return int(sides[0] if sides and sides[0] else config.demo.vit_side)
+
+
+def infer_flags(config, task: str) -> list[str]:
+    """infer.py flags of the demo's sampler and sizes for `task`."""
     d = config.demo
     return ["--height", str(d.size), "--width", str(d.size), "--frames", "9", "--resolution",
-            f"{d.size}/{d.vit_side}", "--steps", str(d.steps), "--shift", str(d.shift), "--cfg-scale",
+            f"{d.size}/{vit_side(config, task)}", "--steps", str(d.steps), "--shift", str(d.shift), "--cfg-scale",
             str(d.cfg_scale), "--cfg-interval", *[str(x) for x in d.cfg_interval], "--max-new-tokens", "12",
             "--quiet"] + (["--x2t-training-positions"] if d.get("x2t_training_positions", True) else [])
 
@@ -186,7 +199,7 @@ def stage_infer(config, ckpt: str, console=print, tasks: list[str] | None = None
                 case["inputs"] = SY.write_case_inputs(as_edit, os.path.join(ev, "inputs"))
                 f.write(json.dumps(_record(case, case["inputs"], i)) + "\n")
         cmd = [sys.executable, os.path.join(REPO, "infer.py"), "--ckpt", ckpt, "--task", task, "--input", jsonl,
-               "--out", out, *infer_flags(config)]
+               "--out", out, *infer_flags(config, task)]
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         console(f"infer.py --task {task}: {len(group)} samples in {time.time() - t0:.0f} s (exit {proc.returncode})")
