@@ -72,9 +72,9 @@ def get_config(root: str = "") -> ml_collections.ConfigDict:
     c.freeze.update(dict(embed_and_head=False))  # random init: the embeddings and the LM head must learn too
     c.ema_decay = 0.9975  # ~400 steps, the same number of records as 0.995 at 4 rows per step
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
-    # 2 rows per step, 1,800 steps: the same records as 4 x 900 but twice the updates (at 4 rows x 1,200 steps
-    # the run took ~19 min; at 2 x 1,800 ~14.5 min with t2i 0.80 vs 0.55, edit colour 0.40 vs 0.15, runs J, K)
-    c.train.update(dict(steps=1800, log_every=50, save_every=500, keep=2, seed=0, timesteps="device"))
+    # 2 rows per step: the same records per minute as 4 rows but twice the updates (4 x 1,200 steps took ~19 min
+    # with the three-question rows, runs J, K). 1,680 steps ~ 0.53 s each = 15 min of training (1,800: 961 s)
+    c.train.update(dict(steps=1680, log_every=50, save_every=500, keep=2, seed=0, timesteps="device"))
     c.optimizer.total_steps = c.train.get_ref("steps")  # the decay ends with the run, also under --config.train.steps
     c.data.update(dict(seed=0, batch_size=2, token_budget=None, drop_overflow=False,
                        tokenizer=os.path.join(root, "encoders", "reference", "model"),
