@@ -81,7 +81,8 @@ def get_config(root: str = "") -> ml_collections.ConfigDict:
                        encoder_ckpt=os.path.join(root, "encoders"),
                        max_bad_fraction=0.01, min_records_for_report=50, fail_on_bad_shard=True))
     # one packed row: a video edit (2 x 192 latents + ~110 text / ViT tokens) fits, so nothing is too long;
-    # und / CE room for a three-turn video QA conversation (~145 und tokens, ~10 CE labels) beside other records
+    # und / CE / ViT room for three-turn QA conversations (video ~145 und tokens incl. 80 ViT, image at 224 px
+    # ~126 incl. 64 ViT; ~10 CE labels each) beside other records: ~3.7 records per row
     c.data.capacities = ml_collections.ConfigDict(dict(und=352, gen=512, ce=48, vit=160))
     c.data.groups = groups(root)
     c.demo = ml_collections.ConfigDict(dict(
