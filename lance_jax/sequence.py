@@ -419,10 +419,6 @@ def build_understanding(task: str, question: str | None, *, tokenizer: Tokenizer
         lens[-1] -= int(ends[k] - answer_start)
         sample.layout = SampleLayout(input_ids=lay.input_ids[:answer_start], modality=lay.modality[:answer_start],
                                      split_lens=lens, attn_modes=list(lay.attn_modes[:k + 1]), grids=lay.grids)
-    elif not follow_ups:
-        labels_at = np.arange(answer_start, len(ids), dtype=np.int64)
-        sample.ce_indexes = labels_at - 1
-        sample.ce_labels = ids[labels_at].astype(np.int64)
     else:
         labels_at = np.concatenate(_answer_spans(ids, answer_start, anchor, tokenizer,
                                                  [answer_loss] + [bool(s) for _, _, s in follow_ups]))
