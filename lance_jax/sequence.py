@@ -379,9 +379,8 @@ def build_understanding(task: str, question: str | None, *, tokenizer: Tokenizer
     follow_ups (training only): further (question, answer, supervised) turns about the same ViT block, a
     fully specified multi-turn sample (the canonical rows' per-element `loss` flag). The first answer (unless
     answer_loss is False) and the supervised follow-up answers get labels from their `assistant\\n` through
-    their `<|im_end|>`; the
-    reference has no such rows (it cuts one target per visit) -- they give more answer tokens per encoded
-    image. Without follow-ups the sample is exactly the reference's.
+    their `<|im_end|>`; the reference has no such rows (it cuts one target per visit) -- they give more
+    answer tokens per encoded image. Without follow-ups the sample is exactly the reference's.
     """
     _check_task(task)
     if task not in UNDERSTANDING_TASKS:
