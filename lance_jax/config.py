@@ -74,6 +74,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: str = "auto"
     attention_block_size: int = 512
+    # blockwise: branch around tiles of packed rows whose query / key blocks share no sample (layers/attention.py);
+    # pays off on CPU and TPU, not on GPU (a host sync per tile)
+    attention_skip_empty_tiles: bool = False
     dense_attention_max_len: int = 4096
     scan_layers: bool = True
     remat_policy: str = "none"

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lance_jax.layers.attention import attention, blockwise_attention, dense_attention
+from lance_jax.layers.attention import _block_q, _pad_tokens, attention, blockwise_attention, dense_attention, live_tiles
 from lance_jax.layers.masking import MODE_CAUSAL, MODE_FULL, MODE_NOISE, MaskTokens, allowed_mask, mask_tokens_from_splits
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -229,6 +229,47 @@ def test_blockwise_gradients_match_dense(seed, n, bq, bk, permute, n_query):
         assert _rel_err(a, b) <= RTOL, name
 
 
+@pytest.mark.parametrize("seed,n,bq,bk,permute,n_query", [CASES[0], CASES[1], CASES[3]])
+def test_skipping_empty_tiles_matches_dense(seed, n, bq, bk, permute, n_query):
+    """Forward and gradients with dead tiles skipped (per batch row) equal the dense reference."""
+    q, k, v, qt, kt = _case_inputs(seed, n, permute, n_query)
+    ct = jnp.asarray(np.random.default_rng(200 + seed).normal(size=q.shape), jnp.float32)
+    skip = lambda *a: blockwise_attention(*a, block_q=bq, block_k=bk, skip_empty_tiles=True)  # noqa: E731
+    assert _rel_err(jax.jit(dense_attention)(q, k, v, qt, kt), jax.jit(skip)(q, k, v, qt, kt)) <= RTOL
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, qt, kt) * ct)
+
+    g_ref = jax.jit(jax.grad(loss(dense_attention), argnums=(0, 1, 2)))(q, k, v)
+    g_skip = jax.jit(jax.grad(loss(skip), argnums=(0, 1, 2)))(q, k, v)
+    for name, a, b in zip("qkv", g_ref, g_skip):
+        assert _rel_err(a, b) <= RTOL, name
+
+
+def _tile_masks(qt, kt, bq, bk):
+    """(exact nonempty tiles (B, nq, nk), live_tiles (nq, nk)) of token ints padded to the block sizes."""
+    nq, nk = -(-qt.order.shape[1] // bq), -(-kt.order.shape[1] // bk)
+    qp, kp = _pad_tokens(qt, nq * bq - qt.order.shape[1]), _pad_tokens(kt, nk * bk - kt.order.shape[1])
+    exact = np.asarray(allowed_mask(qp, kp)).reshape(-1, nq, bq, nk, bk).any(axis=(2, 4))
+    live = np.asarray(live_tiles(MaskTokens(*(_block_q(a, nq, bq) for a in qp)),
+                                 MaskTokens(*(_block_q(a, nk, bk) for a in kp))))
+    return exact, live
+
+
+@pytest.mark.parametrize("seed,permute", [(0, False), (1, True), (2, False)])
+def test_live_tiles_cover_every_allowed_pair(seed, permute):
+    """A skipped tile must hold no allowed pair in any row; on packed layouts most empty tiles are found."""
+    _, _, _, qt, kt = _case_inputs(seed, 256, permute, None)
+    qt, kt = (MaskTokens(*(jnp.asarray(a) for a in t)) for t in (qt, kt))
+    exact, live = _tile_masks(qt, kt, 16, 16)
+    assert not (exact.any(0) & ~live).any()
+    if not permute:  # samples in order: the sample-range test finds nearly every empty tile
+        assert (~live).sum() >= 0.8 * (~exact.any(0)).sum() > 0
+    for b in range(exact.shape[0]):  # per row, as the batched kernel maps rows
+        _, live_b = _tile_masks(MaskTokens(*(a[b:b + 1] for a in qt)), MaskTokens(*(a[b:b + 1] for a in kt)), 16, 16)
+        assert not (exact[b] & ~live_b).any()
+
+
 def test_dense_equivariant_under_permutation():
     q, k, v, qt, kt = _case_inputs(5, 120, False, None, b=1)
     p = np.random.default_rng(7).permutation(120)
@@ -250,7 +291,8 @@ def test_padding_rows_zero_and_finite():
     t_all_pad = {**t, "sample": np.full(n, -1, np.int32)}  # a batch row with no allowed key at all
     tok = _stack([t, t_all_pad])
     q, k, v = random_qkv(np.random.default_rng(3), 2, n, n)
-    for fn in (dense_attention, lambda *a: blockwise_attention(*a, block_q=4, block_k=6)):
+    for fn in (dense_attention, lambda *a: blockwise_attention(*a, block_q=4, block_k=6),
+               lambda *a: blockwise_attention(*a, block_q=4, block_k=6, skip_empty_tiles=True)):
         out = np.asarray(jax.jit(fn)(q, k, v, tok, tok))
         assert np.isfinite(out).all()
         assert np.all(out[0, -1] == 0) and np.all(out[1] == 0)

@@ -28,7 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lance_jax.layers.masking import MODE_CAUSAL, MaskTokens, broadcast_tokens, allowed_mask
+from lance_jax.layers.masking import MODE_CAUSAL, MODE_FULL, MODE_NOISE, MaskTokens, broadcast_tokens, allowed_mask
 
 # ----------------------------------------------------------------------------------------------
 # Dense reference
@@ -105,7 +105,44 @@ def _tile_scores(qi, kj, qti, ktj, scale):
     return jnp.where(mask, s, -jnp.inf)
 
 
-def _flash_fwd_impl(q, k, v, qt, kt, scale, bq, bk):
+def _ranges(values, valid):
+    """(nb, B, bs) ints -> lowest and highest valid value of every block, (nb, B) each (none valid: lo > hi)."""
+    big = jnp.iinfo(jnp.int32).max
+    return jnp.min(jnp.where(valid, values, big), axis=-1), jnp.max(jnp.where(valid, values, -big), axis=-1)
+
+
+def _overlap(a, b):
+    """Ranges (lo, hi) of query blocks (nq, B) and key blocks (nk, B) -> (nq, nk, B): do they intersect."""
+    return jnp.maximum(a[0][:, None], b[0][None]) <= jnp.minimum(a[1][:, None], b[1][None])
+
+
+def live_tiles(q_blocks: MaskTokens, k_blocks: MaskTokens):
+    """(nq, nk) bool from block-split mask ints ((nb, B, bs) each): tiles that may hold an allowed pair.
+
+    A pair is allowed only within one sample, and only if the key is not later than the query or both
+    are in the same full/noise split (`masking.allowed_mask`). A tile fails that for every pair when its
+    query and key blocks share no sample id, or when every key is later than every query and the blocks
+    share no full split; its contribution is exactly zero. Conservative: a live tile may still be fully
+    masked; its mask is applied as usual.
+    """
+    def stats(t):
+        real = t.sample >= 0
+        fn = jnp.where((t.mode == MODE_FULL) | (t.mode == MODE_NOISE), t.split, -1)
+        return _ranges(t.sample, real), _ranges(t.order, real), _ranges(fn, real & (fn >= 0))
+
+    (qs, qo, qf), (ks, ko, kf) = stats(q_blocks), stats(k_blocks)
+    earlier_key = ko[0][None] <= qo[1][:, None]  # some key not later than some query
+    return jnp.any(_overlap(qs, ks) & (earlier_key | _overlap(qf, kf)), axis=-1)
+
+
+def _maybe(skip, live, body, carry, xs):
+    """`body(carry, xs)`, or `carry` unchanged for a dead tile when skipping (a real branch on CPU/TPU)."""
+    if not skip:
+        return body(carry, xs)
+    return jax.lax.cond(live, body, lambda c, _: c, carry, xs)
+
+
+def _flash_fwd_impl(q, k, v, qt, kt, scale, bq, bk, skip):
     """q (B, Nq, Nkv, G, Dh), k/v (B, Nk, Nkv, Dh); Nq % bq == Nk % bk == 0.
 
     Returns out (B, Nq, Nkv, G, Dh) in q.dtype and lse (nq, B, Nkv, G, bq) fp32 (0 for empty rows).
@@ -116,11 +153,15 @@ def _flash_fwd_impl(q, k, v, qt, kt, scale, bq, bk):
     qb, qtb = _block_q(q, nq, bq), MaskTokens(*(_block_q(a, nq, bq) for a in qt))
     kb, vb = _block_q(k, nk, bk), _block_q(v, nk, bk)
     ktb = MaskTokens(*(_block_q(a, nk, bk) for a in kt))
+    live = live_tiles(qtb, ktb) if skip else jnp.ones((nq, nk), bool)
 
     def q_block(args):
-        qi, qti = args
+        qi, qti, live_i = args
 
         def k_step(carry, xs):
+            return _maybe(skip, xs[-1], k_tile, carry, xs[:-1]), None
+
+        def k_tile(carry, xs):
             acc, m, l = carry
             kj, vj, ktj = xs
             s = _tile_scores(qi, kj, qti, ktj, scale)
@@ -133,36 +174,36 @@ def _flash_fwd_impl(q, k, v, qt, kt, scale, bq, bk):
                 "bhgqk,bkhd->bhgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32
             )
             acc = alpha[..., None] * acc + pv
-            return (acc, m_new, l), None
+            return acc, m_new, l
 
         init = tuple(_vary_like(a, qi, qti, kb, vb, ktb) for a in (
             jnp.zeros((B, Nkv, G, bq, Dh), jnp.float32),
             jnp.full((B, Nkv, G, bq), -jnp.inf, jnp.float32),
             jnp.zeros((B, Nkv, G, bq), jnp.float32),
         ))
-        (acc, m, l), _ = jax.lax.scan(k_step, init, (kb, vb, ktb))
+        (acc, m, l), _ = jax.lax.scan(k_step, init, (kb, vb, ktb, live_i))
         nonempty = l > 0
         l_safe = jnp.where(nonempty, l, 1.0)
         o = acc / l_safe[..., None]
         lse = jnp.where(nonempty, m + jnp.log(l_safe), 0.0)
         return jnp.transpose(o, (0, 3, 1, 2, 4)).astype(q.dtype), lse  # (B, bq, Nkv, G, Dh)
 
-    ob, lse = jax.lax.map(q_block, (qb, qtb))
+    ob, lse = jax.lax.map(q_block, (qb, qtb, live))
     out = jnp.swapaxes(ob, 0, 1).reshape(B, Nq, Nkv, G, Dh)
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _flash(q, k, v, qt, kt, scale, bq, bk):
-    return _flash_fwd_impl(q, k, v, qt, kt, scale, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _flash(q, k, v, qt, kt, scale, bq, bk, skip):
+    return _flash_fwd_impl(q, k, v, qt, kt, scale, bq, bk, skip)[0]
 
 
-def _flash_fwd(q, k, v, qt, kt, scale, bq, bk):
-    out, lse = _flash_fwd_impl(q, k, v, qt, kt, scale, bq, bk)
+def _flash_fwd(q, k, v, qt, kt, scale, bq, bk, skip):
+    out, lse = _flash_fwd_impl(q, k, v, qt, kt, scale, bq, bk, skip)
     return out, (q, k, v, qt, kt, out, lse)
 
 
-def _flash_bwd(scale, bq, bk, res, dout):
+def _flash_bwd(scale, bq, bk, skip, res, dout):
     q, k, v, qt, kt, out, lse = res
     B, Nq, Nkv, G, Dh = q.shape
     Nk = k.shape[1]
@@ -174,13 +215,18 @@ def _flash_bwd(scale, bq, bk, res, dout):
     qtb = MaskTokens(*(_block_q(a, nq, bq) for a in qt))
     kb, vb = _block_q(k, nk, bk), _block_q(v, nk, bk)
     ktb = MaskTokens(*(_block_q(a, nk, bk) for a in kt))
+    live = live_tiles(qtb, ktb) if skip else jnp.ones((nq, nk), bool)
 
     def k_block(dq_all, xs):
-        kj, vj, ktj = xs
+        kj, vj, ktj, live_j = xs
 
         def q_step(carry, xs2):
-            dk, dv = carry
-            qi, doi, lsei, di, qti, dqi = xs2
+            (dk, dv), dqi = _maybe(skip, xs2[-1], q_tile, (carry, xs2[-2]), xs2[:-2])
+            return (dk, dv), dqi
+
+        def q_tile(carry, xs2):
+            (dk, dv), dqi = carry
+            qi, doi, lsei, di, qti = xs2
             s = _tile_scores(qi, kj, qti, ktj, scale)
             p = jnp.exp(s - lsei[..., None])  # (B, Nkv, G, bq, bk); masked -> 0
             dv = dv + jnp.einsum(
@@ -198,12 +244,12 @@ def _flash_bwd(scale, bq, bk, res, dout):
 
         zeros_kv = _vary_like(jnp.zeros((B, bk, Nkv, Dh), jnp.float32), kj, vj, ktj, qb, dob, lse, delta, qtb)
         (dk, dv), dq_all = jax.lax.scan(
-            q_step, (zeros_kv, zeros_kv), (qb, dob, lse, delta, qtb, dq_all)
+            q_step, (zeros_kv, zeros_kv), (qb, dob, lse, delta, qtb, dq_all, live_j)
         )
         return dq_all, (dk, dv)
 
     dq0 = _vary_like(jnp.zeros((nq, B, bq, Nkv, G, Dh), jnp.float32), qb, dob, lse, delta, qtb, kb, vb, ktb)
-    dqb, (dkb, dvb) = jax.lax.scan(k_block, dq0, (kb, vb, ktb))
+    dqb, (dkb, dvb) = jax.lax.scan(k_block, dq0, (kb, vb, ktb, live.T))
     dq = jnp.swapaxes(dqb, 0, 1).reshape(q.shape).astype(q.dtype)
     dk = jnp.swapaxes(dkb, 0, 1).reshape(k.shape).astype(k.dtype)
     dv = jnp.swapaxes(dvb, 0, 1).reshape(v.shape).astype(v.dtype)
@@ -229,12 +275,17 @@ def _round_up(n, m):
 
 
 def blockwise_attention(
-    q, k, v, q_tokens: MaskTokens, k_tokens: MaskTokens, *, scale=None, block_q=512, block_k=512
+    q, k, v, q_tokens: MaskTokens, k_tokens: MaskTokens, *, scale=None, block_q=512, block_k=512,
+    skip_empty_tiles=False,
 ):
     """Memory-bounded attention: online softmax over key blocks, tile masks from the ints.
 
     Block sizes are clamped to the sequence lengths; Nq / Nk are padded internally up to a
     multiple of the block size with tokens of sample id -1 (never attended, output dropped).
+    `skip_empty_tiles`: branch around tiles whose query and key blocks share no sample id (`live_tiles`),
+    forward and backward. Same result; on packed rows of several samples most tiles are such. A
+    `lax.cond` per tile is a real branch on CPU and TPU; on GPU it syncs the predicate to the host, so
+    leave it off there.
     """
     B, Nq, Nk, Nh, Nkv, Dh = _check_shapes(q, k, v)
     G = Nh // Nkv
@@ -262,7 +313,15 @@ def blockwise_attention(
     # ints depend on q (a loop value), so each tile's mask is recomputed in the loops as intended. A no-op on
     # values and gradients (tests/test_context_parallel.py checks the differentiated jaxpr).
     qg, qt, kt = jax.lax.optimization_barrier((qg, qt, kt))
-    out = _flash(qg, k, v, qt, kt, scale, bq, bk)
+    if skip_empty_tiles and B > 1:
+        # one row at a time: a tile is then skipped when it is empty in its own row, not in every row
+        def row(args):
+            q1, k1, v1, qt1, kt1 = jax.tree.map(lambda x: x[None], args)
+            return _flash(q1, k1, v1, qt1, kt1, scale, bq, bk, True)[0]
+
+        out = jax.lax.map(row, (qg, k, v, qt, kt))
+    else:
+        out = _flash(qg, k, v, qt, kt, scale, bq, bk, bool(skip_empty_tiles))
     return out[:, :Nq].reshape(B, Nq, Nh, Dh)
 
 
@@ -273,16 +332,17 @@ def blockwise_attention(
 
 def attention(
     q, k, v, q_tokens: MaskTokens, k_tokens: MaskTokens, *, impl="auto", scale=None,
-    block_q=512, block_k=512, dense_max_len=4096,
+    block_q=512, block_k=512, dense_max_len=4096, skip_empty_tiles=False,
 ):
     """Joint masked attention.  ``impl``: 'dense', 'blockwise', or 'auto' (dense when
-    Nq * Nk <= dense_max_len**2, else blockwise)."""
+    Nq * Nk <= dense_max_len**2, else blockwise); `skip_empty_tiles` applies to blockwise."""
     if impl == "auto":
         impl = "dense" if q.shape[1] * k.shape[1] <= dense_max_len**2 else "blockwise"
     if impl == "dense":
         return dense_attention(q, k, v, q_tokens, k_tokens, scale=scale)
     if impl == "blockwise":
         return blockwise_attention(
-            q, k, v, q_tokens, k_tokens, scale=scale, block_q=block_q, block_k=block_k
+            q, k, v, q_tokens, k_tokens, scale=scale, block_q=block_q, block_k=block_k,
+            skip_empty_tiles=skip_empty_tiles,
         )
     raise ValueError(f"unknown attention impl {impl!r}; expected 'auto', 'dense' or 'blockwise'")

@@ -87,7 +87,7 @@ def context_parallel_attention(
     q_parts: Sequence[jax.Array], k_parts: Sequence[jax.Array], v_parts: Sequence[jax.Array],
     token_parts: Sequence[MaskTokens], *, past: tuple[jax.Array, jax.Array, MaskTokens] | None = None,
     impl: str = "auto", scale=None, block_q: int = 512, block_k: int = 512, dense_max_len: int = 4096,
-    mesh=None,
+    skip_empty_tiles: bool = False, mesh=None,
 ) -> tuple[jax.Array, ...]:
     """Joint masked attention of the concatenated pieces (plus `past` keys) with queries split over `context`.
 
@@ -142,7 +142,7 @@ def context_parallel_attention(
             k = jax.lax.dynamic_slice_in_dim(k, head, 1, axis=2)
             v = jax.lax.dynamic_slice_in_dim(v, head, 1, axis=2)
         out = attention(q, k, v, qt, kt, impl=impl, scale=scale, block_q=block_q, block_k=block_k,
-                        dense_max_len=dense_max_len)
+                        dense_max_len=dense_max_len, skip_empty_tiles=skip_empty_tiles)
         ends = [sum(a.shape[1] for a in qs[: i + 1]) for i in range(len(qs) - 1)]  # local piece boundaries
         return tuple(jnp.split(out, ends, axis=1))
 

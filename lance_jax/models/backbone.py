@@ -115,7 +115,7 @@ class Attention(nn.Module):
             return q, k, v
 
         attn_kw = dict(impl=cfg.attention_impl, block_q=cfg.attention_block_size, block_k=cfg.attention_block_size,
-                       dense_max_len=cfg.dense_attention_max_len)
+                       dense_max_len=cfg.dense_attention_max_len, skip_empty_tiles=cfg.attention_skip_empty_tiles)
         if context_parallel_fits((n_und, n_gen)):
             # Context parallelism (mesh context > 1): each stream stays split over `context` as the residual is;
             # the attention core runs under shard_map with local queries and all-gathered K/V (context_parallel.py).
