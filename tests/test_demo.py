@@ -218,6 +218,26 @@ def test_infer_reads_each_task_at_its_training_vit_side():
     assert DR.cache_key(other) != DR.cache_key(c)
 
 
+def test_edits_get_their_own_guidance():
+    """demo.task_guidance reaches infer.py for the tasks its training group trains (multi_edit is an image
+    edit); every other task keeps the demo's CFG scale and interval."""
+    from lance_jax.demo import run as DR
+
+    c = DR.load_config(DR.DEFAULT_CONFIG, "/tmp/unused-demo-root", [])
+    own = c.demo.task_guidance["image_edit"]
+    assert (own["cfg_scale"], list(own["cfg_interval"])) != (c.demo.cfg_scale, list(c.demo.cfg_interval))
+
+    def cfg_flags(task):
+        f = DR.infer_flags(c, task)
+        i = f.index("--cfg-interval")
+        return float(f[f.index("--cfg-scale") + 1]), [float(f[i + 1]), float(f[i + 2])]
+
+    for task in ("image_edit", "multi_edit"):
+        assert cfg_flags(task) == (own["cfg_scale"], [float(x) for x in own["cfg_interval"]]), task
+    for task in ("t2i", "t2v", "i2v", "video_edit"):
+        assert cfg_flags(task) == (c.demo.cfg_scale, [float(x) for x in c.demo.cfg_interval]), task
+
+
 def test_x2t_training_positions_shift_the_vit_block(demo_ckpt, monkeypatch):
     """TextSettings.training_positions decodes with the training layout's ids (ViT T ids from 1000, spec 20
     §2.5); the default keeps the released inference's unshifted ids."""

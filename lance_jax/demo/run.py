@@ -165,12 +165,20 @@ def vit_side(config, task: str) -> int:
     return int(sides[0] if sides and sides[0] else config.demo.vit_side)
 
 
+def guidance(config, task: str) -> tuple[float, list[float]]:
+    """(CFG scale, CFG interval) for `task`: demo.task_guidance of its training group, else the demo's."""
+    d = config.demo
+    own = d.get("task_guidance", {}).get(TRAINING_GROUP.get(task, task), {})
+    return float(own.get("cfg_scale", d.cfg_scale)), [float(x) for x in own.get("cfg_interval", d.cfg_interval)]
+
+
 def infer_flags(config, task: str) -> list[str]:
     """infer.py flags of the demo's sampler and sizes for `task`."""
     d = config.demo
+    scale, interval = guidance(config, task)
     return ["--height", str(d.size), "--width", str(d.size), "--frames", "9", "--resolution",
             f"{d.size}/{vit_side(config, task)}", "--steps", str(d.steps), "--shift", str(d.shift), "--cfg-scale",
-            str(d.cfg_scale), "--cfg-interval", *[str(x) for x in d.cfg_interval], "--max-new-tokens", "12",
+            str(scale), "--cfg-interval", *[str(x) for x in interval], "--max-new-tokens", "12",
             "--quiet"] + (["--x2t-training-positions"] if d.get("x2t_training_positions", True) else [])
 
 
