@@ -9,6 +9,7 @@ Two implementations share the predicate:
   recomputed on the fly from the ints. No N x N array exists in the forward or the backward pass (a
   `jax.custom_vjp` recomputes the tiles from the saved log-sum-exp, FlashAttention-2 style).
   Reverse-mode only (`jax.grad`/`vjp`); forward-mode through it is not supported by `custom_vjp`.
+  With `skip_empty_tiles`, tiles that cannot hold an allowed pair (`live_tiles`) are branched around.
 
 Numerics for both: scores and softmax statistics in float32 whatever the input dtype; matmuls take
 the input dtype with `preferred_element_type=float32`; probabilities are cast to the value dtype
@@ -135,7 +136,7 @@ def live_tiles(q_blocks: MaskTokens, k_blocks: MaskTokens):
     return jnp.any(_overlap(qs, ks) & (earlier_key | _overlap(qf, kf)), axis=-1)
 
 
-def _maybe(skip, live, body, carry, xs):
+def _tile_or_skip(skip, live, body, carry, xs):
     """`body(carry, xs)`, or `carry` unchanged for a dead tile when skipping (a real branch on CPU/TPU)."""
     if not skip:
         return body(carry, xs)
@@ -159,7 +160,7 @@ def _flash_fwd_impl(q, k, v, qt, kt, scale, bq, bk, skip):
         qi, qti, live_i = args
 
         def k_step(carry, xs):
-            return _maybe(skip, xs[-1], k_tile, carry, xs[:-1]), None
+            return _tile_or_skip(skip, xs[-1], k_tile, carry, xs[:-1]), None
 
         def k_tile(carry, xs):
             acc, m, l = carry
@@ -221,7 +222,7 @@ def _flash_bwd(scale, bq, bk, skip, res, dout):
         kj, vj, ktj, live_j = xs
 
         def q_step(carry, xs2):
-            (dk, dv), dqi = _maybe(skip, xs2[-1], q_tile, (carry, xs2[-2]), xs2[:-2])
+            (dk, dv), dqi = _tile_or_skip(skip, xs2[-1], q_tile, (carry, xs2[-2]), xs2[:-2])
             return (dk, dv), dqi
 
         def q_tile(carry, xs2):
