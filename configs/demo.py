@@ -56,9 +56,12 @@ def groups(root: str) -> list:
     """One data group per task folder of `synthetic.write_demo_shards` (weights: share of records drawn)."""
     common = dict(source="shards", resolution=SIZE, vit_resolution=VIT_SIDE, max_duration=1.0, text_drop=0.1,
                   vit_drop=0.1)
-    spec = [("t2i", ["t2i"], None, 2.5), ("t2v", ["t2v", "ff2v"], [0.7, 0.3], 2.0),
-            ("image_edit", ["i2i"], None, 2.5), ("video_edit", ["v2v"], None, 0.6),
-            ("x2t_image", ["i2t"], None, 2.5), ("x2t_video", ["v2t"], None, 2.5)]
+    # t2i is learned on every seed from a smaller share (0.95-1.00 at 2.5 and at 1.5, runs Q-S); its share went to
+    # the seed-sensitive edits and image questions (mean over seeds 0 and 1: edit colour 0.68 -> 0.75,
+    # x2t_image 0.68 -> 0.80)
+    spec = [("t2i", ["t2i"], None, 1.5), ("t2v", ["t2v", "ff2v"], [0.7, 0.3], 2.0),
+            ("image_edit", ["i2i"], None, 3.0), ("video_edit", ["v2v"], None, 0.6),
+            ("x2t_image", ["i2t"], None, 3.0), ("x2t_video", ["v2t"], None, 2.5)]
     out = []
     for name, tasks, rates, weight in spec:
         g = dict(common, name=name, path=os.path.join(root, "shards", name), tasks=tasks, weight=weight,
@@ -81,8 +84,8 @@ def get_config(root: str = "") -> ml_collections.ConfigDict:
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     # 2 rows per step: the same records per minute as 4 rows but twice the updates (4 x 1,200 steps took ~19 min
     # with the three-question rows, runs J, K). 1,680 steps took 14:47 with dense tiles; skipping empty tiles
-    # makes steps ~1.22x faster: 2,040 steps ~ 15 min
-    c.train.update(dict(steps=2040, log_every=50, save_every=500, keep=2, seed=0, timesteps="device"))
+    # makes steps ~1.22x faster: 2,040 steps trained in 805 s (run P), 2,200 ~ 14.5 min
+    c.train.update(dict(steps=2200, log_every=50, save_every=500, keep=2, seed=0, timesteps="device"))
     c.optimizer.total_steps = c.train.get_ref("steps")  # the decay ends with the run, also under --config.train.steps
     c.data.update(dict(seed=0, batch_size=2, token_budget=None, drop_overflow=False,
                        tokenizer=os.path.join(root, "encoders", "reference", "model"),
