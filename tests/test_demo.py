@@ -155,8 +155,10 @@ def test_shortened_demo_runs_every_task(tmp_path, monkeypatch):
                                                    "x2t_video")]
     argv = ["--root", str(tmp_path / "root"), *rows, "--config.train.steps=3", "--config.train.log_every=1",
             "--config.train.save_every=3", "--config.model.num_layers=1", "--config.demo.eval_per_task=2",
-            "--config.demo.steps=2", "--config.optimizer.warmup_steps=1"]
+            "--config.demo.steps=2", "--config.optimizer.warmup_steps=1", "--config.demo.vit_pretrain.steps=3"]
     assert DR.main(argv) == 0
+    settings = json.loads((tmp_path / "root" / "encoders" / DR.ENCODER_SETTINGS).read_text())
+    assert settings["vit_pretrain"]["steps"] == 3
     ev = tmp_path / "root" / "eval"
     manifest = json.loads((ev / "manifest.json").read_text())
     tasks = [c["task"] for c in manifest["cases"]]
@@ -191,6 +193,8 @@ def test_demo_config_ties_the_decay_to_the_run_and_keys_the_cache_on_the_data(mo
     assert default.optimizer.total_steps == default.train.steps
     key = DR.cache_key(default)
     assert DR.cache_key(short) != key
+    untrained_vit = DR.load_config(DR.DEFAULT_CONFIG, "/tmp/unused-demo-root", ["--config.demo.vit_pretrain.steps=0"])
+    assert DR.cache_key(untrained_vit) != key  # another frozen tower: the cached model does not fit it
     monkeypatch.setattr(SY, "DATA_VERSION", SY.DATA_VERSION + 1)
     assert DR.cache_key(default) != key
     assert DR.task_list("t2i, x2t_image,multi_edit") == ["t2i", "x2t_image", "multi_edit"]
@@ -264,3 +268,60 @@ def test_x2t_training_positions_shift_the_vit_block(demo_ckpt, monkeypatch):
     assert (s0, s1) == (False, True)
     assert t0.max() < positions.VIT_T_START <= t1.min()  # the block (from its start token) moved to 1000
     np.testing.assert_array_equal(t1 - t1.min(), t0 - t0.min())  # inside the block nothing changes
+
+
+def test_vit_pretraining_targets_are_each_tokens_colours_and_object_share():
+    """Per merged token: mean colour of its region in both frames of the temporal patch, then the object's share
+    of the region in each; a 9-frame clip is padded to 10 frames like the ViT's input (last pair = frame 8 twice)."""
+    from lance_jax.demo import vit_pretrain as VP
+
+    frames = np.zeros((9, 32, 32, 3), np.uint8)
+    masks = np.zeros((9, 32, 32), bool)
+    for f in range(9):  # a white 8x8 square stepping one 8-px token to the right every two frames
+        x = 8 * (f // 2) if f < 8 else 24
+        frames[f, 8:16, x:x + 8] = 255
+        masks[f, 8:16, x:x + 8] = True
+    t = VP.token_targets(frames, masks, 112)  # 112 px ViT input: 4x4 merged tokens of 8x8 scene px
+    assert t.shape == (5, 4, 4, VP.TARGETS)
+    share_a, share_b = t[..., 6], t[..., 7]
+    for g in range(4):
+        assert share_a[g, 1, g] == 1.0 and share_b[g, 1, g] == 1.0 and share_a[g].sum() == 1.0
+    assert share_a[4, 1, 3] == share_b[4, 1, 3] == 1.0  # the padded pair repeats frame 8
+    np.testing.assert_allclose(t[2, 1, 2, :6], 1.0)  # white in both frames
+    np.testing.assert_allclose(t[2, 0, 0, :6], 0.0)
+    half = VP.token_targets(frames[:1], masks[:1], 224)  # an image: 8x8 tokens of 4x4 px, both frames the image
+    assert half.shape == (1, 8, 8, VP.TARGETS)
+    np.testing.assert_array_equal(half[0, 2:4, 0:2, 6], 1.0)
+    np.testing.assert_array_equal(half[..., 6], half[..., 7])
+    with pytest.raises(ValueError, match="multiple"):
+        VP.token_targets(frames[:, :30, :30], masks[:, :30, :30], 112)
+
+
+def test_vit_pretraining_fits_the_read_out():
+    """A few Adam steps on one batch kind lower the standardised read-out loss and change the tower."""
+    from lance_jax.demo import checkpoint as DC
+    from lance_jax.demo import vit_pretrain as VP
+
+    cfg = DC.demo_vit_config(32, hidden_size=32, intermediate_size=64)
+    params = DC.random_vit_params(cfg, 0)
+    new, report = VP.pretrain(cfg, params, size=32, steps=12, batch_size=4, lr=3e-3, kinds=((112, False),),
+                              console=lambda *a: None)
+    kind = report["kinds"]["image@112"]
+    assert kind["last_loss"] < kind["first_loss"]
+    assert jax.tree.structure(new) == jax.tree.structure(params)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)))
+
+
+def test_stage_data_refuses_to_swap_the_vit_under_a_run(tmp_path):
+    """Encoders written with other ViT settings are rewritten, but not while ROOT/train holds a run on them."""
+    from lance_jax.demo import run as DR
+
+    config = DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path), [])
+    enc = tmp_path / "encoders"
+    enc.mkdir()
+    other = dict(DR.encoder_settings(config), vit_pretrain=dict(steps=0, batch_size=8, lr=0.01))
+    (enc / DR.ENCODER_SETTINGS).write_text(json.dumps(other))
+    (tmp_path / "train").mkdir()
+    with pytest.raises(ValueError, match="other ViT settings"):
+        DR.stage_data(config, console=lambda *a: None)
+    assert (enc / DR.ENCODER_SETTINGS).read_text() == json.dumps(other)  # nothing touched

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,7 +40,8 @@ def cache_key(config) -> str:
     """Hash of everything the trained weights depend on (model, optimisation, data, demo sizes)."""
     keep = copy.deepcopy({k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
                           for k in ("model", "optimizer", "freeze", "ema_decay", "train", "data")})
-    keep["demo"] = {k: v for k, v in config.demo.to_dict().items() if k in ("size", "vit_side", "seed", "rows")}
+    keep["demo"] = {k: v for k, v in config.demo.to_dict().items()
+                    if k in ("size", "vit_side", "seed", "rows", "vit_pretrain")}
     from lance_jax.data.synthetic import DATA_VERSION
 
     keep["demo"]["data_version"] = DATA_VERSION
@@ -60,6 +62,23 @@ def cache_dir(config) -> str:
 # ---------------------------------------------------------------------------------------------- data
 
 
+ENCODER_SETTINGS = "demo_encoders.json"
+
+
+def encoder_settings(config) -> dict:
+    """What the encoder checkpoint's ViT depends on (seed, scene size, pretraining)."""
+    d = config.demo
+    return dict(seed=int(d.seed), size=int(d.size), vit_pretrain=d.vit_pretrain.to_dict())
+
+
+def _same_encoders(enc: str, config) -> bool:
+    path = os.path.join(enc, ENCODER_SETTINGS)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f) == json.loads(json.dumps(encoder_settings(config)))
+
+
 def stage_data(config, console=print) -> None:
     """Tokenizer + encoder checkpoint + training shards under config.demo.root (skipped when present)."""
     from lance_jax.config import model_config_from_dict
@@ -71,6 +90,13 @@ def stage_data(config, console=print) -> None:
 
     root, d = config.demo.root, config.demo
     enc = config.data.encoder_ckpt
+    if os.path.isdir(enc) and not _same_encoders(enc, config):
+        train = os.path.join(root, "train")
+        if os.path.isdir(train):
+            raise ValueError(f"{enc} was written with other ViT settings than {encoder_settings(config)} and {train} "
+                             f"holds a run on them: use another --root, or remove both to start over")
+        console(f"{enc} was written with other ViT settings: writing it again")
+        shutil.rmtree(enc)
     if not os.path.isdir(enc):
         import flax.linen as nn
         import jax
@@ -81,9 +107,20 @@ def stage_data(config, console=print) -> None:
         if DT.model_ids(tok) != {k: getattr(cfg, k) for k in DT.model_ids(tok)}:
             raise ValueError(f"configs/demo.py token ids {DT.model_ids(tok)} do not match the demo tokenizer")
         vit_cfg = DC.demo_vit_config(cfg.vit_out_hidden_size)
+        vit_params, note = DC.random_vit_params(vit_cfg, int(d.seed)), "random ViT"
+        pt = d.vit_pretrain
+        if int(pt.steps):
+            from lance_jax.demo.vit_pretrain import pretrain
+
+            vit_params, report = pretrain(vit_cfg, vit_params, size=int(d.size), steps=int(pt.steps),
+                                          seed=int(d.seed), batch_size=int(pt.batch_size), lr=float(pt.lr),
+                                          console=console)
+            note = f"ViT pretrained: {json.dumps(report)}"
         lance = nn.unbox(init_params(cfg, jax.random.PRNGKey(int(d.seed)), dummy_stream_batch(cfg)))
-        DC.write_checkpoint(enc, cfg, jax.device_get(lance), vit_cfg, DC.random_vit_params(vit_cfg, int(d.seed)),
-                            tok_dir, note="untrained (encoders for the data pipeline)")
+        DC.write_checkpoint(enc, cfg, jax.device_get(lance), vit_cfg, vit_params, tok_dir,
+                            note=f"untrained Lance (encoders for the data pipeline); {note}")
+        with open(os.path.join(enc, ENCODER_SETTINGS), "w") as f:
+            json.dump(encoder_settings(config), f)
         console(f"wrote {enc}")
     shards = os.path.join(root, "shards")
     summary_path = os.path.join(shards, "summary.json")
@@ -179,7 +216,7 @@ def infer_flags(config, task: str) -> list[str]:
     return ["--height", str(d.size), "--width", str(d.size), "--frames", "9", "--resolution",
             f"{d.size}/{vit_side(config, task)}", "--steps", str(d.steps), "--shift", str(d.shift), "--cfg-scale",
             str(scale), "--cfg-interval", *[str(x) for x in interval], "--max-new-tokens", "12",
-            "--quiet"] + (["--x2t-training-positions"] if d.get("x2t_training_positions", True) else [])
+            "--quiet"] + (["--x2t-training-positions"] if d.x2t_training_positions else [])
 
 
 def stage_infer(config, ckpt: str, console=print, tasks: list[str] | None = None) -> str:
