@@ -25,7 +25,8 @@ TARGETS = 8  # mean RGB x 2 frames, object share x 2 frames
 
 
 def token_targets(frames: np.ndarray, masks: np.ndarray, side: int) -> np.ndarray:
-    """(T', n, n, TARGETS) float32 per merged token of a ViT input `side` (n = side / 28 per side, T' = F' / 2).
+    """(T', n, n, TARGETS) float32 per merged token of a ViT input `side` (n = side / (14 px patch x 2 merge) per
+    side, T' = F' / 2).
 
     frames uint8 (F, S, S, 3), masks bool (F, S, S) of the object; an odd F is padded by repeating the last frame,
     as the ViT's preprocessing does (an image is one frame, so both frames of its patch are the image).
@@ -33,7 +34,7 @@ def token_targets(frames: np.ndarray, masks: np.ndarray, side: int) -> np.ndarra
     if len(frames) % 2:
         frames, masks = np.concatenate([frames, frames[-1:]]), np.concatenate([masks, masks[-1:]])
     f, s = frames.shape[:2]
-    n = side // 28
+    n = side // (vision.PATCH * vision.MERGE)
     if s % n:
         raise ValueError(f"scene side {s} is not a multiple of the {n} merged tokens per side of a {side} px ViT input")
     c = s // n
@@ -56,7 +57,7 @@ def clip(rng: np.random.Generator, size: int, video: bool) -> tuple[np.ndarray, 
 
 
 def batch(rng: np.random.Generator, n: int, side: int, video: bool, *, size: int):
-    """(patches (N, patch_dim), grid_thw (n, 3), targets (n·T'·(side/28)², TARGETS)) of n packed clips."""
+    """(patches (N, patch_dim), grid_thw (n, 3), targets (one row per merged token, TARGETS)) of n packed clips."""
     patches, grids, targets = [], [], []
     for _ in range(n):
         frames, masks = clip(rng, size, video)
