@@ -203,6 +203,27 @@ def test_demo_config_ties_the_decay_to_the_run_and_keys_the_cache_on_the_data(mo
     assert not os.path.exists("/tmp/unused-demo-root")
 
 
+def test_a_finished_model_skips_the_data_stage(tmp_path, monkeypatch):
+    """`--stage all` writes no tokenizer / ViT / shards when a trained checkpoint is cached or named by --ckpt
+    (inference reads both from it); --retrain and explicit stages still run them."""
+    from lance_jax.demo import run as DR
+
+    monkeypatch.setenv("LANCE_DEMO_CACHE", str(tmp_path / "cache"))
+    c = DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"), [])
+    assert DR.stages_to_run(c, "all", None, False) == DR.STAGES  # nothing cached yet
+    assert DR.stages_to_run(c, "all", "/some/ckpt", False) == ("infer", "evaluate")
+    os.makedirs(DR.cache_dir(c))
+    (tmp_path / "cache" / DR.cache_key(c) / "lance_checkpoint.json").write_text("{}")
+    assert DR.stages_to_run(c, "all", None, False) == ("train", "infer", "evaluate")
+    assert DR.stages_to_run(c, "all", None, True) == DR.STAGES
+    assert DR.stages_to_run(c, "data", None, False) == ("data",)
+    other = DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"), ["--config.train.steps=7"])
+    assert DR.stages_to_run(other, "all", None, False) == DR.STAGES  # another model: not the cached one
+    with pytest.raises(SystemExit):
+        DR.main(["--root", str(tmp_path / "root"), "--stage", "train", "--ckpt", "/some/ckpt"])
+    assert not (tmp_path / "root").exists()
+
+
 def test_infer_reads_each_task_at_its_training_vit_side():
     """infer.py gets, per task, the ViT side the task's training group encodes with (a mismatch would show
     the model token grids it never saw), also when a group's side is overridden."""

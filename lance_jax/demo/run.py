@@ -4,13 +4,16 @@ one) -> every task through `infer.py` on held-out prompts -> quality table (+ JS
   python -m lance_jax.demo.run [--config configs/demo.py] [--root demo_out] [--config.train.steps=200]
                                [--stage data|train|infer|evaluate|all] [--retrain]
 
-ROOT/encoders   tokenizer + random frozen ViT (+ the untrained Lance): what the data pipeline encodes with
+ROOT/encoders   tokenizer + pretrained frozen ViT (+ the untrained Lance): what the data pipeline encodes with
 ROOT/shards     one shard folder per task (`synthetic.write_demo_shards`)
 ROOT/train      the training run (orbax checkpoints, TensorBoard); resumes when re-run
 CACHE/<key>     the finished checkpoint (converted layout); `key` hashes the config, so a finished demo
                 is reused until the model, data or training settings change (CACHE: $LANCE_DEMO_CACHE or
                 ~/.cache/lance_jax/demo)
 ROOT/eval       inputs, infer.py outputs per task, manifest.json, scores.json, index.html, contact_sheet.png
+
+`--stage all` with a finished model at hand (cached, or named by --ckpt) skips the data stage: inference reads
+the tokenizer and the ViT from that checkpoint.
 """
 from __future__ import annotations
 
@@ -281,6 +284,19 @@ def stage_evaluate(manifest: str, console=print) -> dict:
     return scores
 
 
+def stages_to_run(config, stage: str, ckpt: str | None, retrain: bool) -> tuple[str, ...]:
+    """`stage` alone, or for "all" every stage a finished model still needs: none of the data stage
+    (tokenizer, ViT pretraining, shards: ~3 min) when --ckpt names one or a trained checkpoint is cached,
+    and no training with --ckpt."""
+    if stage != "all":
+        return (stage,)
+    if ckpt:
+        return ("infer", "evaluate")
+    if not retrain and os.path.isfile(os.path.join(cache_dir(config), "lance_checkpoint.json")):
+        return ("train", "infer", "evaluate")  # the train stage hands back the cached checkpoint
+    return STAGES
+
+
 def task_list(text: str) -> list[str]:
     """`--tasks` value -> task names; unknown names are an error before any stage runs (a typo would
     otherwise train, then score nothing)."""
@@ -306,11 +322,15 @@ def main(argv=None) -> int:
     args, overrides = p.parse_known_args(argv)
     config = load_config(args.config, os.path.abspath(args.root), overrides)
     t0 = time.time()
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    if args.ckpt and args.stage == "train":
+        p.error("--ckpt names a finished checkpoint: use it with --stage infer, evaluate or all")
+    stages = stages_to_run(config, args.stage, args.ckpt, args.retrain)
     if "data" in stages:
         stage_data(config)
+    elif args.stage == "all":
+        print("a finished checkpoint is at hand: the data stage (tokenizer, ViT, shards) is not needed")
     ckpt = args.ckpt
-    if "train" in stages or (ckpt is None and "infer" in stages):
+    if ckpt is None and ("train" in stages or "infer" in stages):
         ckpt = stage_train(config, retrain=args.retrain)
     manifest = os.path.join(config.demo.root, "eval", "manifest.json")
     if "infer" in stages:
