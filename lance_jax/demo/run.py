@@ -62,6 +62,12 @@ def cache_dir(config) -> str:
     return os.path.join(base, cache_key(config))
 
 
+def cached_checkpoint(config) -> str | None:
+    """The finished checkpoint of this config in the cache, or None."""
+    out = cache_dir(config)
+    return out if os.path.isfile(os.path.join(out, "lance_checkpoint.json")) else None
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -146,10 +152,11 @@ def stage_train(config, *, retrain: bool = False, console=print) -> str:
     from lance_jax.demo import checkpoint as DC
     from lance_jax.train import loop as L
 
+    cached = None if retrain else cached_checkpoint(config)
+    if cached:
+        console(f"reusing the trained demo checkpoint {cached} (--retrain to train again)")
+        return cached
     out = cache_dir(config)
-    if os.path.isfile(os.path.join(out, "lance_checkpoint.json")) and not retrain:
-        console(f"reusing the trained demo checkpoint {out} (--retrain to train again)")
-        return out
     workdir = os.path.join(config.demo.root, "train")
     t0 = time.time()
     metrics = L.run(config, workdir, console=console)
@@ -292,7 +299,7 @@ def stages_to_run(config, stage: str, ckpt: str | None, retrain: bool) -> tuple[
         return (stage,)
     if ckpt:
         return ("infer", "evaluate")
-    if not retrain and os.path.isfile(os.path.join(cache_dir(config), "lance_checkpoint.json")):
+    if not retrain and cached_checkpoint(config):
         return ("train", "infer", "evaluate")  # the train stage hands back the cached checkpoint
     return STAGES
 
