@@ -251,6 +251,19 @@ def test_scorer_on_ground_truth_and_wrong_outputs(tmp_path, capsys):
     assert json.load(open(tmp_path / "s.json"))["passed"] is False
 
 
+def test_i2v_direction_is_read_from_the_generated_frames():
+    """The given first frame starts on the side opposite the motion: an output that jumps from it to a still
+    object at the frame's centre is no motion, though its first-to-last centroid shift points the named way."""
+    case = next(c for c in Y.heldout_cases(4, 0) if c["task"] == "i2v")
+    m = Y.case_media(case)
+    scene = Y.case_scene(case)
+    still = Y.render(Y.Scene(scene.shape, scene.color, scene.background, (16.0, 16.0), scene.size))
+    jump = np.concatenate([m["target"][:1], np.stack([still] * (len(m["target"]) - 1))])
+    assert E.motion_direction(jump, scene.background) == case["direction"]  # what the old figure counted
+    assert not E._score_video(case, jump, m)["direction_ok"]
+    assert E._score_video(case, m["target"], m)["direction_ok"]
+
+
 def test_missing_outputs_count_as_failures(tmp_path):
     cases = Y.heldout_cases(1, 0, tasks=("t2i", "t2v", "x2t_image"))
     cases[0]["outputs"] = dict(media="nowhere.png")
