@@ -8,9 +8,9 @@ when the run failed (scored as wrong). Relative paths are relative to the manife
 
 Everything is measured in palette space: each pixel goes to its nearest palette colour (`classify_pixels`),
 the object is the most frequent non-background colour, motion is the shift of the non-background
-centroid between the first and last frame (for i2v: the middle and the last, both generated). Quality bars (BARS) apply to the held-out tasks; i2v and
-video_edit are reported without bars. Prints a table of every figure (passing or not) and exits 0 unless
---strict and a bar fails.
+centroid between the first and last frame (for i2v: the middle and the last, both generated). Quality bars
+(BARS) apply to the held-out tasks; i2v and video_edit are reported without bars. Prints a table of every
+figure (passing or not) and exits 0 unless --strict and a bar fails.
 """
 from __future__ import annotations
 
