@@ -29,8 +29,9 @@ from lance_jax.data import synthetic as Y
 # still counts a shrunken or half-drawn object, while the rims a blurry generator leaves (a few px of an
 # intermediate colour scattered along an edge) stay below it.
 MIN_OBJECT_FRACTION = 12 / 1024
-# The demo moves objects 14-18 px of 32 between the first and last frame; a fifth of that still counts a
-# model that under-moves, while a still object redrawn with wobbling edges shifts its centroid by ~1 px.
+# The demo moves objects 14-18 px of 32 between the first and last frame (7-9 px from the middle frame on, what
+# i2v is measured over); a fifth of the whole travel still counts a model that under-moves, while a still object
+# redrawn with wobbling edges shifts its centroid by ~1 px.
 MIN_TRAVEL_FRACTION = 3 / 32
 # Pixels within this many px of the object are left out of the "unchanged region" PSNR: a boundary one pixel
 # off flips ~40 rim pixels by 205 levels, which alone would read as ~16 dB on a perfect background.
