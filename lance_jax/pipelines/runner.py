@@ -268,82 +268,26 @@ class LanceRunner:
                   progress: bool | None = None) -> list[GenerationResult]:
         """Shared body of every generation task. vit: (patches, grid) of the edit source; source_pixels:
         the edit source's VAE input; first_frame_pixels: the i2v first frame's VAE input."""
-        from lance_jax import packing
-        from lance_jax.kv_plan import plan_generation
-        from lance_jax.sampling import cfg_active, denoise, schedule
-        from lance_jax.sequence import build_generation
+        from lance_jax.sampling import cfg_active, schedule
 
         settings.validate()
         progress = self.progress if progress is None else progress
-        seq_task = task
-        stride = self.cfg.latent_stride
-        target_grid = tuple(int(x) for x in target_grid)
-        self.check_latent_grid(target_grid, f"{seq_task} target")
-        kw = {}
-        src_grid = None
-        if vit is not None:
-            _, frames, height, width = source_pixels.shape
-            src_grid = (latent_frames(frames), height // stride, width // stride)
-            self.check_latent_grid(src_grid, f"{seq_task} source")
-            kw = dict(source_vit_grid=tuple(int(x) for x in vit[1][0]), source_latent_grid=src_grid)
-        with timer("build"):
-            built = self._build(build_generation, seq_task, caption, target_latent_grid=target_grid, **kw)
-        n_tokens = built.num_tokens
-        self.check_length(n_tokens, seq_task)
-        t, h, w = target_grid
-        n_target = t * h * w
-        n_source = int(np.prod(src_grid)) if src_grid else 0
-        span = built.caption_span
-        info.update(tokens=dict(total=n_tokens, target=n_target, source_vae=n_source,
-                                vit=int(built.vision_blocks[0]["num_tokens"]) if vit is not None else 0,
-                                caption=int(span[1] - span[0]) if span else 0),
-                    latent_grid=list(target_grid), frames=4 * (t - 1) + 1, height=stride * h, width=stride * w)
-
-        # Conditions (host -> device -> host arrays, so that no stage pins another's devices).
-        vit_embeds, cond_rows, clean = None, None, np.zeros(n_source + n_target, bool)
-        if vit is not None:
-            with timer("vit"):
-                vit_embeds = self._vit(*vit)
-            with timer("vae_encode"):
-                cond_rows = packing.latent_tokens(self._vae_encode(source_pixels, settings),
-                                                   self.cfg.latent_patch_size)
-        if first_frame_pixels is not None:
-            with timer("vae_encode"):
-                first = self._vae_encode(first_frame_pixels, settings)
-            cond_rows = packing.latent_tokens(first, self.cfg.latent_patch_size)
-            clean[: len(cond_rows)] = True
-
+        built, target_grid, n_source = self._generation_layout(task, caption, target_grid, vit, source_pixels,
+                                                               timer, info)
+        vit_embeds, cond_rows, clean = self._conditions(vit, source_pixels, first_frame_pixels, settings, timer,
+                                                        n_source + int(np.prod(target_grid)))
         times = schedule(int(settings.steps), float(settings.shift))
         cfg_opts = settings.cfg()
-        text_cfg = cfg_opts.scale > 1.0
         shared = dict(timer.times)  # read / build / vit / vae_encode: once per request
         denoised, cache = [], None
-        for k, seed in enumerate(seeds):
+        for seed in seeds:
             sample_timer = _Timer()
-            with sample_timer("plan"):
-                rows = self._noise(seed, n_source + n_target)  # reference: one noise row per VAE token
-                if cond_rows is not None:
-                    rows[: len(cond_rows)] = cond_rows
-                plan = plan_generation(built.layout, self.cfg, rows, clean, text_cfg=text_cfg,
-                                       kv_position_quirk=settings.kv_position_quirk)
-            with self._mesh_ctx():
-                if cache is None:  # the contexts do not depend on the noise: prefill once per request
-                    context = dict(plan.context)
-                    rows_b = context["und_ids"].shape[0]
-                    if vit_embeds is not None:
-                        context["vit_embeds"] = np.repeat(vit_embeds[None], rows_b, axis=0)
-                    capacity = context["und_ids"].shape[1] + context["latents"].shape[1]
-                    with sample_timer("prefill"):
-                        cache = jax.block_until_ready(prefill_cache(self.model, self.params, self._place_batch(context),
-                                                               rows=rows_b, capacity=capacity))
-                    del context
-                query = self._place_batch(dict(plan.query))
-                with sample_timer("denoise"):
-                    final, _ = denoise(self.model, self.params, query, cache, plan.query["latents"][0], plan.noisy,
-                                       times, cfg_opts, progress=progress)
-                    final = np.asarray(jax.block_until_ready(final), np.float32)
-                del query
-            denoised.append((final[: len(plan.target_vae_rows)].reshape(t, h, w, -1), sample_timer))
+            rows = self._noise(seed, len(clean))  # reference: one noise row per VAE token
+            if cond_rows is not None:
+                rows[: len(cond_rows)] = cond_rows
+            final, cache = self._denoised(built, rows, clean, vit_embeds, times, cfg_opts, settings, cache,
+                                          sample_timer, progress)
+            denoised.append((final.reshape(*target_grid, -1), sample_timer))
         del cache  # the KV caches are not needed by the VAE decode
         guided = int(cfg_active(times[:-1], cfg_opts.interval, cfg_opts.scale).sum())
         posterior_seed = int(settings.posterior_seed) if (vit is not None or first_frame_pixels is not None) else None
@@ -357,6 +301,84 @@ class LanceRunner:
                                guided_steps=guided, timings=timings)
             results.append(GenerationResult(frames, latent, sample_info))
         return results
+
+    def _generation_layout(self, task: str, caption: str, target_grid, vit, source_pixels, timer: _Timer,
+                           info: dict):
+        """(built sequence, target latent grid (t, h, w), number of source latents); records the token counts
+        and output size in `info`. Grids and the sequence length are checked against the model's limits."""
+        from lance_jax.sequence import build_generation
+
+        stride = self.cfg.latent_stride
+        target_grid = tuple(int(x) for x in target_grid)
+        self.check_latent_grid(target_grid, f"{task} target")
+        kw, src_grid = {}, None
+        if vit is not None:
+            _, frames, height, width = source_pixels.shape
+            src_grid = (latent_frames(frames), height // stride, width // stride)
+            self.check_latent_grid(src_grid, f"{task} source")
+            kw = dict(source_vit_grid=tuple(int(x) for x in vit[1][0]), source_latent_grid=src_grid)
+        with timer("build"):
+            built = self._build(build_generation, task, caption, target_latent_grid=target_grid, **kw)
+        n_tokens = built.num_tokens
+        self.check_length(n_tokens, task)
+        t, h, w = target_grid
+        n_source = int(np.prod(src_grid)) if src_grid else 0
+        span = built.caption_span
+        info.update(tokens=dict(total=n_tokens, target=t * h * w, source_vae=n_source,
+                                vit=int(built.vision_blocks[0]["num_tokens"]) if vit is not None else 0,
+                                caption=int(span[1] - span[0]) if span else 0),
+                    latent_grid=list(target_grid), frames=4 * (t - 1) + 1, height=stride * h, width=stride * w)
+        return built, target_grid, n_source
+
+    def _conditions(self, vit, source_pixels, first_frame_pixels, settings: GenerationSettings, timer: _Timer,
+                    n_rows: int):
+        """(ViT embeddings of the edit source or None, clean latent rows of the conditions or None, bool (n_rows,)
+        marking the rows that stay clean). Host -> device -> host arrays, so that no stage pins another's
+        devices."""
+        from lance_jax import packing
+
+        vit_embeds, cond_rows, clean = None, None, np.zeros(n_rows, bool)
+        if vit is not None:
+            with timer("vit"):
+                vit_embeds = self._vit(*vit)
+            with timer("vae_encode"):
+                cond_rows = packing.latent_tokens(self._vae_encode(source_pixels, settings),
+                                                   self.cfg.latent_patch_size)
+        if first_frame_pixels is not None:
+            with timer("vae_encode"):
+                first = self._vae_encode(first_frame_pixels, settings)
+            cond_rows = packing.latent_tokens(first, self.cfg.latent_patch_size)
+            clean[: len(cond_rows)] = True
+        return vit_embeds, cond_rows, clean
+
+    def _denoised(self, built, rows: np.ndarray, clean: np.ndarray, vit_embeds, times, cfg_opts,
+                  settings: GenerationSettings, cache, timer: _Timer, progress: bool):
+        """(float32 (n_target, C) denoised target rows, the context's KV cache). rows: (n_rows, C) initial state
+        (noise, conditions written in); the cache is prefilled on the first call and reused after, since the
+        contexts do not depend on the noise."""
+        from lance_jax.kv_plan import plan_generation
+        from lance_jax.sampling import denoise
+
+        with timer("plan"):
+            plan = plan_generation(built.layout, self.cfg, rows, clean, text_cfg=cfg_opts.scale > 1.0,
+                                   kv_position_quirk=settings.kv_position_quirk)
+        with self._mesh_ctx():
+            if cache is None:
+                context = dict(plan.context)
+                rows_b = context["und_ids"].shape[0]
+                if vit_embeds is not None:
+                    context["vit_embeds"] = np.repeat(vit_embeds[None], rows_b, axis=0)
+                capacity = context["und_ids"].shape[1] + context["latents"].shape[1]
+                with timer("prefill"):
+                    cache = jax.block_until_ready(prefill_cache(self.model, self.params, self._place_batch(context),
+                                                                rows=rows_b, capacity=capacity))
+                del context
+            query = self._place_batch(dict(plan.query))
+            with timer("denoise"):
+                final, _ = denoise(self.model, self.params, query, cache, plan.query["latents"][0], plan.noisy,
+                                   times, cfg_opts, progress=progress)
+                final = np.asarray(jax.block_until_ready(final), np.float32)
+        return final[: len(plan.target_vae_rows)], cache
 
     # -- public tasks ---------------------------------------------------------------------------------------
     def _seeds(self, seed, num_samples: int) -> list[int]:
