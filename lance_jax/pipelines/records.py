@@ -8,8 +8,10 @@ import random
 
 import numpy as np
 
+from lance_jax import media
 from lance_jax.pipelines.requests import (
-    GLOBAL_SEED, GenerationSettings, InferenceError, Request, UNDERSTANDING_TASKS,
+    DEFAULT_FRAMES, DEFAULT_SIZE, GLOBAL_SEED, GenerationSettings, InferenceError, Request, TextSettings,
+    UNDERSTANDING_TASKS, _path_or_array, check_request,
 )
 
 
@@ -184,3 +186,68 @@ def _json_default(x):
     if isinstance(x, np.ndarray):
         return x.tolist()
     return str(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# One request -> files
+# ----------------------------------------------------------------------------------------------
+
+
+def run_request(runner, request: Request, out_dir: str, *, settings: GenerationSettings = GenerationSettings(),
+                text: TextSettings = TextSettings(), progress=None) -> dict:
+    """Run one request on a `LanceRunner`, write its files under out_dir, return its JSON record."""
+    r = request
+    task = r.task
+    check_request(r, runner.cfg)
+    runner.require(task)
+    stem = r.stem()
+    record = dict(index=r.index if isinstance(r.index, (int, str)) else int(r.index), task=task)
+    if r.additional_info:
+        record["additional_info"] = r.additional_info
+    os.makedirs(out_dir, exist_ok=True)
+    if task in UNDERSTANDING_TASKS:
+        source = r.image if task == "x2t_image" else r.video
+        fn = runner.x2t_image if task == "x2t_image" else runner.x2t_video
+        kw = dict(settings=settings) if task == "x2t_video" else {}
+        out = fn(r.prompt, source, resolution=r.resolution, system_prompt=r.system_prompt, text=text, seed=r.seed,
+                 **kw)
+        record.update(out.info, input=_path_or_array(source), raw=out.text, answer=out.answer,
+                      token_ids=out.token_ids.tolist())
+        return record
+    if task == "multi_edit":
+        source = r.image if r.image is not None else r.video
+        if source is None:
+            raise InferenceError("multi_edit needs --image or --video as the first turn's source")
+        turns = [r.prompt] if isinstance(r.prompt, str) else list(r.prompt or [])
+        results = runner.multi_edit(turns, source, kind="video" if r.image is None else "image",
+                                  resolution=r.resolution, seed=r.seed, settings=settings, progress=progress)
+        record.update(input=_path_or_array(source), turns=[])
+        for res in results:
+            path = media.write_media(os.path.join(out_dir, f"{stem}_turn{res.info['turn']}"), res.frames,
+                                     settings.fps)
+            record["turns"].append(dict(res.info, output=os.path.basename(path)))
+        record["outputs"] = [t["output"] for t in record["turns"]]
+        return record
+    common = dict(seed=r.seed, num_samples=r.num_samples, settings=settings, progress=progress)
+    if task in ("t2i", "t2v"):
+        kw = dict(height=r.height or DEFAULT_SIZE[0], width=r.width or DEFAULT_SIZE[1])
+        if task == "t2v":
+            kw["frames"] = r.frames or DEFAULT_FRAMES
+        out = getattr(runner, task)(r.prompt, **kw, **common)
+    elif task == "i2v":
+        out = runner.i2v(r.prompt, r.image, frames=r.frames or DEFAULT_FRAMES, resolution=r.resolution, **common)
+    else:
+        source = r.image if task == "image_edit" else r.video
+        out = getattr(runner, task)(r.prompt, source, resolution=r.resolution, **common)
+    results = out if isinstance(out, list) else [out]
+    record["samples"] = []
+    for res in results:
+        name = stem if len(results) == 1 else f"{stem}_{res.info['sample']}"
+        path = media.write_media(os.path.join(out_dir, name), res.frames, settings.fps)
+        record["samples"].append(dict(res.info, output=os.path.basename(path)))
+    record["outputs"] = [s["output"] for s in record["samples"]]
+    record["prompt"] = results[0].info["prompt"]
+    src = r.image if task in ("i2v", "image_edit") else (r.video if task == "video_edit" else None)
+    if src is not None:
+        record["input"] = _path_or_array(src)
+    return record

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import time
 from typing import Sequence
@@ -13,7 +12,9 @@ import numpy as np
 
 from lance_jax import media, vision
 from lance_jax.pipelines.requests import (
-    DEFAULT_CONTEXT_BUDGET, DEFAULT_FRAMES, DEFAULT_SIZE, GenerationResult, GenerationSettings, InferenceError, NEEDS_VAE, NEEDS_VIT, Request, TASKS, TextResult, TextSettings, UNDERSTANDING_TASKS, _Timer, _load_media, _path_or_array, _seed, check_request, floor_frames, latent_frames, parse_mesh, resolve_resolution,
+    DEFAULT_CONTEXT_BUDGET, DEFAULT_FRAMES, DEFAULT_SIZE, GenerationResult, GenerationSettings, InferenceError,
+    NEEDS_VAE, NEEDS_VIT, Request, TASKS, TextResult, TextSettings, _Timer, _load_media, _seed, floor_frames,
+    latent_frames, parse_mesh, resolve_resolution,
 )
 
 
@@ -52,92 +53,25 @@ class LanceRunner:
     def __init__(self, ckpt: str, *, dtype: str | None = None, param_dtype: str | None = None, mesh=None,
                  vit_path: str | None = None, vae_path: str | None = None, max_context: int | None = None,
                  progress: bool = True):
-        from lance_jax.convert import converter
         from lance_jax.models.lance import Lance
-        from lance_jax.tokenizer import Tokenizer
+        from lance_jax.pipelines import loading
 
         t0 = time.perf_counter()
         self.ckpt = os.fspath(ckpt)
-        try:
-            self.manifest = converter.read_manifest(self.ckpt)
-        except (FileNotFoundError, ValueError) as err:
-            raise InferenceError(str(err)) from None
-        overrides = {} if dtype is None else {"dtype": dtype}
-        if dtype not in (None, "float32", "bfloat16"):
-            raise InferenceError(f"dtype {dtype!r} must be float32 or bfloat16")
-        self.cfg = converter.checkpoint_config(self.ckpt, **overrides)
+        self.manifest, self.cfg = loading.model_config(self.ckpt, dtype)
         self.dtype = self.cfg.dtype
-        ref_model = os.path.join(self.ckpt, "reference", "model")
-        try:
-            self.tokenizer = Tokenizer.from_folder(ref_model)
-        except (FileNotFoundError, ValueError) as err:
-            raise InferenceError(f"checkpoint {self.ckpt}: no usable tokenizer under reference/model ({err})") from None
-        self.max_context = int(max_context or self._llm_json().get("max_position_embeddings") or DEFAULT_CONTEXT_BUDGET)
+        self.tokenizer = loading.tokenizer(self.ckpt)
+        self.max_context = int(max_context or loading.llm_json(self.ckpt).get("max_position_embeddings")
+                               or DEFAULT_CONTEXT_BUDGET)
         self.progress = progress
         self.model = Lance(self.cfg)
         self.mesh_shape = parse_mesh(mesh)
-        self.mesh = None
-        shardings = None
-        if self.mesh_shape:
-            from lance_jax import packing, sharding
-            from lance_jax.models.lance import init_params
-
-            try:
-                self.mesh = sharding.make_mesh(self.mesh_shape)
-            except ValueError as err:
-                raise InferenceError(f"mesh {self.mesh_shape}: {err}") from None
-            boxed = jax.eval_shape(lambda r: init_params(self.cfg, r, packing.dummy_stream_batch(self.cfg)),
-                                   jax.random.PRNGKey(0))
-            shardings = {"lance": sharding.param_shardings(boxed, self.mesh)}
-        params = converter.restore_params(self.ckpt, shardings)
-        self.params = self._cast(params["lance"], param_dtype)
-        self.vit_cfg, self.vit_params = self._load_vit(params.get("vit"), vit_path, param_dtype)
-        self.vae_cfg, self.vae_params = self._load_vae(params.get("vae"), vae_path, param_dtype)
+        self.mesh, params = loading.restored_params(self.ckpt, self.cfg, self.mesh_shape)
+        self.params = loading.cast_params(params["lance"], param_dtype)
+        self.vit_cfg, self.vit_params = loading.vit(self.manifest, params.get("vit"), vit_path, self.dtype, param_dtype)
+        self.vae_cfg, self.vae_params = loading.autoencoder(self.ckpt, self.cfg, self.manifest, params.get("vae"),
+                                                            vae_path, param_dtype)
         self.load_seconds = round(time.perf_counter() - t0, 3)
-
-    # -- loading -------------------------------------------------------------------------------------
-    def _llm_json(self) -> dict:
-        path = os.path.join(self.ckpt, "reference", "model", "llm_config.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
-        return {}
-
-    @staticmethod
-    def _cast(tree, param_dtype):
-        if not param_dtype or param_dtype == "keep":
-            return tree
-        import jax.numpy as jnp
-
-        dt = jnp.dtype(param_dtype)
-        return jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-    def _load_vit(self, params, path, param_dtype):
-        from lance_jax.models.vit import VitConfig, load_vit_config, load_vit_params
-
-        if path:
-            cfg = load_vit_config(path, dtype=self.dtype)
-            return cfg, self._cast(load_vit_params(path, cfg), param_dtype)
-        raw = self.manifest.get("reference", {}).get("vit_config")
-        if params is None or not raw:
-            return None, None
-        return VitConfig(**dict(raw, dtype=self.dtype)), self._cast(params, param_dtype)
-
-    def _load_vae(self, params, path, param_dtype):
-        from lance_jax.models.autoencoder import codec
-        from lance_jax.models.vae import VaeConfig, load_vae_config, load_vae_params
-
-        if path and self.cfg.autoencoder == "pixel":
-            raise InferenceError(f"vae_path {path!r} given, but checkpoint {self.ckpt} uses the parameter-free pixel "
-                                 f"autoencoder (model config autoencoder='pixel')")
-        if path:
-            folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-            has_cfg = os.path.isfile(os.path.join(folder, "vae_config.json"))
-            cfg = load_vae_config(folder, dtype=self.dtype) if has_cfg else VaeConfig(dtype=self.dtype)
-            return cfg, self._cast(load_vae_params(path, cfg), param_dtype)
-        raw = self.manifest.get("reference", {}).get("vae_config")
-        cfg, params = codec(self.cfg, raw, params, dtype=self.dtype)
-        return cfg, (params if cfg is None else self._cast(params, param_dtype))
 
     @property
     def has_vit(self) -> bool:
@@ -545,59 +479,7 @@ class LanceRunner:
     # -- requests -> files -----------------------------------------------------------------------------------
     def run(self, request: Request, out_dir: str, *, settings: GenerationSettings = GenerationSettings(),
             text: TextSettings = TextSettings(), progress=None) -> dict:
-        """Run one request, write its files under out_dir, return its JSON record."""
-        r = request
-        task = r.task
-        check_request(r, self.cfg)
-        self.require(task)
-        stem = r.stem()
-        record = dict(index=r.index if isinstance(r.index, (int, str)) else int(r.index), task=task)
-        if r.additional_info:
-            record["additional_info"] = r.additional_info
-        os.makedirs(out_dir, exist_ok=True)
-        if task in UNDERSTANDING_TASKS:
-            source = r.image if task == "x2t_image" else r.video
-            fn = self.x2t_image if task == "x2t_image" else self.x2t_video
-            kw = dict(settings=settings) if task == "x2t_video" else {}
-            out = fn(r.prompt, source, resolution=r.resolution, system_prompt=r.system_prompt, text=text, seed=r.seed,
-                     **kw)
-            record.update(out.info, input=_path_or_array(source), raw=out.text, answer=out.answer,
-                          token_ids=out.token_ids.tolist())
-            return record
-        if task == "multi_edit":
-            source = r.image if r.image is not None else r.video
-            if source is None:
-                raise InferenceError("multi_edit needs --image or --video as the first turn's source")
-            turns = [r.prompt] if isinstance(r.prompt, str) else list(r.prompt or [])
-            results = self.multi_edit(turns, source, kind="video" if r.image is None else "image",
-                                      resolution=r.resolution, seed=r.seed, settings=settings, progress=progress)
-            record.update(input=_path_or_array(source), turns=[])
-            for res in results:
-                path = media.write_media(os.path.join(out_dir, f"{stem}_turn{res.info['turn']}"), res.frames,
-                                         settings.fps)
-                record["turns"].append(dict(res.info, output=os.path.basename(path)))
-            record["outputs"] = [t["output"] for t in record["turns"]]
-            return record
-        common = dict(seed=r.seed, num_samples=r.num_samples, settings=settings, progress=progress)
-        if task in ("t2i", "t2v"):
-            kw = dict(height=r.height or DEFAULT_SIZE[0], width=r.width or DEFAULT_SIZE[1])
-            if task == "t2v":
-                kw["frames"] = r.frames or DEFAULT_FRAMES
-            out = getattr(self, task)(r.prompt, **kw, **common)
-        elif task == "i2v":
-            out = self.i2v(r.prompt, r.image, frames=r.frames or DEFAULT_FRAMES, resolution=r.resolution, **common)
-        else:
-            source = r.image if task == "image_edit" else r.video
-            out = getattr(self, task)(r.prompt, source, resolution=r.resolution, **common)
-        results = out if isinstance(out, list) else [out]
-        record["samples"] = []
-        for res in results:
-            name = stem if len(results) == 1 else f"{stem}_{res.info['sample']}"
-            path = media.write_media(os.path.join(out_dir, name), res.frames, settings.fps)
-            record["samples"].append(dict(res.info, output=os.path.basename(path)))
-        record["outputs"] = [s["output"] for s in record["samples"]]
-        record["prompt"] = results[0].info["prompt"]
-        src = r.image if task in ("i2v", "image_edit") else (r.video if task == "video_edit" else None)
-        if src is not None:
-            record["input"] = _path_or_array(src)
-        return record
+        """Run one request, write its files under out_dir, return its JSON record (`records.run_request`)."""
+        from lance_jax.pipelines.records import run_request
+
+        return run_request(self, request, out_dir, settings=settings, text=text, progress=progress)
