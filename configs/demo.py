@@ -55,7 +55,7 @@ def model() -> ml_collections.ConfigDict:
 def groups(root: str) -> list:
     """One data group per task folder of `synthetic.write_demo_shards` (weights: share of records drawn)."""
     common = dict(source="shards", resolution=SIZE, vit_resolution=VIT_SIDE, max_duration=1.0, text_drop=0.1,
-                  vit_drop=0.1)
+                  vit_drop=0.1, timestep_shift=1.0)
     # t2i is learned on every seed from a smaller share (0.95-1.00 at 2.5 and at 1.5, runs Q-S); its share went to
     # the seed-sensitive edits and image questions (mean over seeds 0 and 1: edit colour 0.68 -> 0.75,
     # x2t_image 0.68 -> 0.80)

@@ -89,6 +89,17 @@ def test_caption_dropout_and_ff2v(cfg):
     assert np.sum(dropped["modality"] == 0) == 0
 
 
+def test_synthetic_record_logit_offset(cfg):
+    """The group's timestep shift reaches synthetic records too: same rng -> the same z plus the offset."""
+    spec = dict(task="ff2v", caption_len=5, latent_grid=(3, 2, 2))
+    plain = R.synthetic_record(spec, cfg, np.random.default_rng(4))
+    shifted = R.synthetic_record(spec, cfg, np.random.default_rng(4), logit_offset=float(np.log(8.0)))
+    noisy = np.isfinite(plain["timestep_logits"])
+    assert noisy.sum() == 8 and np.array_equal(noisy, np.isfinite(shifted["timestep_logits"]))
+    np.testing.assert_allclose(shifted["timestep_logits"][noisy], plain["timestep_logits"][noisy] + np.log(8.0),
+                               rtol=0, atol=1e-6)
+
+
 def test_frame_count_and_grids():
     assert [M.frame_count(int(s * 24), 24, 6) for s in (1, 2, 3, 6, 10)] == [9, 21, 33, 69, 69]
     assert M.frame_count(48, 24, 2) == 21

@@ -218,6 +218,24 @@ def test_video_t2v_and_ff2v_records(media_setup, video_setup):
         assert np.array_equal(dev_mask, want) and np.array_equal(host_mask, want)
 
 
+def test_group_timestep_shift_offsets_the_logit(media_setup, video_setup):
+    """A group's timestep_shift s draws z from N(ln s, 1): the same record rng gives the unshifted z + ln s, which
+    the model's shift turns into t = sigmoid(z + ln s + ln s_model)."""
+    from lance_jax.data import media_records as MR
+    from lance_jax.train.loop import check_group_timesteps
+
+    row = video_setup["rows"]["text2video_general"]
+    plain = _builder(media_setup, tasks=["t2v"], task_rates=None)(row, np.random.default_rng(3))
+    shifted = _builder(media_setup, tasks=["t2v"], task_rates=None, timestep_shift=4.0)(row, np.random.default_rng(3))
+    np.testing.assert_allclose(shifted["timestep_logits"], plain["timestep_logits"] + np.log(4.0), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(shifted["latents"], plain["latents"])
+    with pytest.raises(ValueError, match="'v'.*timestep_shift must be > 0"):
+        MR.group_logit_offset(dict(name="v", timestep_shift=0.0))
+    check_group_timesteps([dict(name="v", timestep_shift=4.0)], "host")
+    with pytest.raises(ValueError, match=r"\['v'\].*train.timesteps='host'"):
+        check_group_timesteps([dict(name="v", timestep_shift=4.0), dict(name="w")], "device")
+
+
 def test_edit_pair_and_video_qa_records(media_setup, video_setup):
     cfg, rows = video_setup["cfg"], video_setup["rows"]
     b = _builder(media_setup)

@@ -11,12 +11,17 @@ Per record, in this order, from the record's numpy Generator (reproducible from 
 draw, the caption dropout (`text_drop`: u < p drops), the edit visual dropout (`vit_drop`), the caption
 prompt choice (bare-caption understanding), the VAE posterior key, the raw timestep logit z.
 
+A group's `timestep_shift` (default 1) shifts its flow times on top of the model's `timestep_shift`: z is drawn
+as N(ln(shift), 1), since s*sigmoid(z) / (1 + (s-1)*sigmoid(z)) = sigmoid(z + ln s). Host-drawn timesteps only
+(`train.timesteps='host'`).
+
 Pre-encoded elements (`vae_mu` [+ `vae_logvar`] with `latent_shape` [t, h, w, C], `vit_embed` with `vit_grid`,
 float16) are used as they are (the posterior is then sampled on the host); other media are decoded, resized
 to the group's buckets (`resolution` for the VAE, `vit_resolution` for the ViT) and encoded.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -51,6 +56,7 @@ class MediaRecordBuilder:
         self.max_duration = float(group.get("max_duration", 6.0))
         self.text_drop = float(group.get("text_drop", 0.1))
         self.vit_drop = float(group.get("vit_drop", 0.1))
+        self.logit_offset = group_logit_offset(group)
         tasks = list(group.get("tasks", []) or [])
         rates = list(group.get("task_rates", None) or [1.0] * len(tasks))
         self.ff2v_rate = (rates[tasks.index("ff2v")] / sum(rates)) if "ff2v" in tasks else 0.0
@@ -138,7 +144,7 @@ class MediaRecordBuilder:
             clean = np.zeros(len(latents), bool)
             start = len(latents) - n_target
             clean[start:start + frames_clean * h * w] = True
-        z = rng.standard_normal(dtype=np.float32)
+        z = np.float32(rng.standard_normal(dtype=np.float32) + self.logit_offset)
         return R.layout_record(s.layout, self.cfg, latents=latents, vit_embeds=vit_embeds, target_rows=target_rows,
                                clean_target_rows=clean, z=z, source=source)
 
@@ -163,6 +169,14 @@ class MediaRecordBuilder:
         return R.layout_record(s.layout, self.cfg, latents=latents, vit_embeds=embeds,
                                target_rows=np.zeros(0, bool), z=0.0, ce_index=s.ce_indexes, ce_labels=s.ce_labels,
                                source=source)
+
+
+def group_logit_offset(group) -> float:
+    """ln of the group's extra flow-time shift (`timestep_shift`, > 0; 1 = none)."""
+    shift = float(group.get("timestep_shift", 1.0))
+    if not shift > 0:
+        raise ValueError(f"data group {group.get('name', '?')!r}: timestep_shift must be > 0, got {shift}")
+    return math.log(shift)
 
 
 def conversation(conds: list[dict], target: dict) -> list[tuple[str, str, bool]]:

@@ -91,6 +91,7 @@ class Builder:
     def __init__(self, group, cfg, media=None):
         self.g, self.cfg, self.media = group, cfg, media  # media: a `media_records.MediaRecordBuilder` or None
         self.vocab = min(cfg.vocab_size_eff, cfg.pad_token_id)
+        self.logit_offset = MR.group_logit_offset(group)
 
     def __call__(self, row: dict, rng: np.random.Generator) -> dict:
         source = row.get("_source", self.g["name"])
@@ -101,7 +102,8 @@ class Builder:
                 return self.media(row, rng, source=source)
             spec = row if "task" in row else self.spec_from_row(row, rng)
             return R.synthetic_record(spec, self.cfg, rng, text_drop=self.g.get("text_drop", 0.1),
-                                      vit_drop=self.g.get("vit_drop", 0.1), text_vocab=self.vocab, source=source)
+                                      vit_drop=self.g.get("vit_drop", 0.1), text_vocab=self.vocab, source=source,
+                                      logit_offset=self.logit_offset)
         except Exception as e:  # noqa: BLE001 - corrupt record: skipped and counted downstream
             return {"_bad": repr(e), "_source": source}
 

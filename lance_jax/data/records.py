@@ -122,12 +122,13 @@ def synthetic_layout(task: str, cfg, *, system_ids, caption_ids=(), question_ids
 
 
 def synthetic_record(spec: dict, cfg, rng: np.random.Generator, *, text_drop: float = 0.1, vit_drop: float = 0.0,
-                     text_vocab: int | None = None, source: str = "synthetic") -> dict:
+                     text_vocab: int | None = None, source: str = "synthetic", logit_offset: float = 0.0) -> dict:
     """A random sample of `spec` (task, caption_len, target/cond latent grids, vit_grid, question/answer lens):
     random text ids, random latents (instead of VAE outputs), random ViT embeddings; CFG caption dropout.
 
     spec keys: task; caption_len; latent_grid (t, h, w); cond_latent_grid; vit_grid; question_len; answer_len;
     system_len; or explicit system_ids / caption_ids / question_ids / answer_ids (e.g. from shard rows).
+    logit_offset: added to the raw timestep logit (the group's ln `timestep_shift`, see `media_records`).
     """
     task = spec["task"]
     vocab = text_vocab or min(cfg.vocab_size_eff, cfg.pad_token_id)
@@ -157,7 +158,7 @@ def synthetic_record(spec: dict, cfg, rng: np.random.Generator, *, text_drop: fl
     if spec.get("task") == "ff2v":  # first latent frame is an in-place condition
         clean = np.zeros(n_gen, bool)
         clean[n_gen - n_target: n_gen - n_target + grid[1] * grid[2]] = True
-    z = rng.standard_normal(dtype=np.float32)
+    z = np.float32(rng.standard_normal(dtype=np.float32) + logit_offset)
     ce_index, ce_labels = (), ()
     if answer is not None:
         start, stop = answer

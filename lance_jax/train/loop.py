@@ -65,12 +65,21 @@ def build(config, *, mesh=None):
     ema = float(config.get("ema_decay", 0.0) or 0.0)
     state, shardings = St.create_state(cfg, tx, mesh, example, seed=int(config.train.seed), use_ema=ema > 0,
                                        params=params)
-    fn = Sp.train_step_fn(Lance(cfg), tx, schedule, mask, ema_decay=ema or None,
-                          timesteps=config.train.get("timesteps", "host"))
+    timesteps = config.train.get("timesteps", "host")
+    check_group_timesteps(config.data.get("groups", []) or [], timesteps)
+    fn = Sp.train_step_fn(Lance(cfg), tx, schedule, mask, ema_decay=ema or None, timesteps=timesteps)
     with S.use_mesh(mesh):
         jstep = Sp.jit_train_step(fn, mesh, shardings, batch_abstract)
     return dict(cfg=cfg, mesh=mesh, tx=tx, schedule=schedule, mask=mask, state=state, shardings=shardings,
                 step=jstep, data=it, batch_abstract=batch_abstract)
+
+
+def check_group_timesteps(groups, timesteps: str) -> None:
+    """A group's own `timestep_shift` acts on the host-drawn logits; device-drawn ones would silently drop it."""
+    shifted = [g.get("name", "?") for g in groups if float(g.get("timestep_shift", 1.0)) != 1.0]
+    if shifted and timesteps != "host":
+        raise ValueError(f"data groups {shifted} set timestep_shift, which needs train.timesteps='host' "
+                         f"(got {timesteps!r})")
 
 
 def model_config(config):
