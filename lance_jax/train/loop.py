@@ -25,6 +25,7 @@ import numpy as np
 
 from lance_jax import sharding as S
 from lance_jax.config import model_config_from_dict
+from lance_jax.data import media_records as MR
 from lance_jax.data import pipeline as PL
 from lance_jax.data import prefetch as PF
 from lance_jax.models.lance import Lance
@@ -40,6 +41,8 @@ log = logging.getLogger("lance_jax.train")
 
 def build(config, *, mesh=None):
     """(cfg, mesh, tx, schedule, mask, state, shardings, jitted step, data iterator, example batch abstract)."""
+    timesteps = config.train.get("timesteps", "host")
+    check_group_timesteps(config.data.get("groups", []) or [], timesteps)  # before any record is encoded
     cfg = model_config(config)
     mesh = mesh or S.make_mesh(dict(config.mesh))
     it = PL.make_iterator(data_config(config), cfg, process_index=jax.process_index(), process_count=jax.process_count())
@@ -65,8 +68,6 @@ def build(config, *, mesh=None):
     ema = float(config.get("ema_decay", 0.0) or 0.0)
     state, shardings = St.create_state(cfg, tx, mesh, example, seed=int(config.train.seed), use_ema=ema > 0,
                                        params=params)
-    timesteps = config.train.get("timesteps", "host")
-    check_group_timesteps(config.data.get("groups", []) or [], timesteps)
     fn = Sp.train_step_fn(Lance(cfg), tx, schedule, mask, ema_decay=ema or None, timesteps=timesteps)
     with S.use_mesh(mesh):
         jstep = Sp.jit_train_step(fn, mesh, shardings, batch_abstract)
@@ -76,7 +77,7 @@ def build(config, *, mesh=None):
 
 def check_group_timesteps(groups, timesteps: str) -> None:
     """A group's own `timestep_shift` acts on the host-drawn logits; device-drawn ones would silently drop it."""
-    shifted = [g.get("name", "?") for g in groups if float(g.get("timestep_shift", 1.0)) != 1.0]
+    shifted = [g.get("name", "?") for g in groups if MR.group_logit_offset(g) != 0.0]
     if shifted and timesteps != "host":
         raise ValueError(f"data groups {shifted} set timestep_shift, which needs train.timesteps='host' "
                          f"(got {timesteps!r})")
