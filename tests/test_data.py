@@ -3,6 +3,7 @@ import io
 import json
 import os
 
+import grain
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -59,6 +60,46 @@ def test_pipeline_deterministic_and_resumable(cfg, drop):
     assert c.get_state() == a.get_state()
     other = next(PL.make_iterator(data_cfg(drop, seed=1), cfg))
     assert not same(first[0], other)
+
+
+def test_phases_draw_their_groups_first_then_continue_without_repeats():
+    """A phase draws its records from its own groups in its proportions; afterwards every group resumes at
+    the record after the last one the phase took, and the groups' own weights hold."""
+    groups = [grain.MapDataset.source([(name, i) for i in range(1000)]) for name in ("a", "b", "c")]
+    plan = [(6, [0.0, 2.0, 1.0]), (None, [1.0, 1.0, 1.0])]
+    mixed = PL.curriculum(groups, plan)
+    first = [mixed[i] for i in range(6)]
+    assert sorted(n for n, _ in first) == ["b"] * 4 + ["c"] * 2
+    rest = [mixed[i] for i in range(6, 15)]
+    assert sorted(n for n, _ in rest) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    for name in ("a", "b", "c"):  # per group: consecutive records, none twice
+        seen = [i for n, i in first + rest if n == name]
+        assert seen == list(range(len(seen)))
+    assert PL.draws_per_group([0.0, 2.0, 1.0], 6) == [0, 4, 2]
+
+
+def test_phases_in_the_pipeline(cfg):
+    """data.phases reaches the iterator (the first records all come from the phase's group), is resumable,
+    and a phase naming an unknown group or drawing nothing is refused by name."""
+    d = data_cfg(False)
+    d.phases = [dict(records=10, weights=dict(und=1.0))]  # a batch here holds ~4 und records (or ~13 mixed)
+    it = PL.make_iterator(d, cfg)
+    next(it)
+    seen = PL.pack_stats(it)["seen"]
+    assert set(seen) == {"synthetic:und"}
+    state = it.get_state()
+    cont = [next(it) for _ in range(3)]
+    seen = PL.pack_stats(it)["seen"]
+    assert seen["synthetic:gen"] > 0 and seen["synthetic:und"] > 10
+    again = PL.make_iterator(d, cfg)
+    again.set_state(state)
+    assert all(same(x, next(again)) for x in cont)
+    d.phases = [dict(records=6, weights=dict(video=1.0))]
+    with pytest.raises(ValueError, match="video"):
+        PL.make_iterator(d, cfg)
+    d.phases = [dict(records=6, weights=dict(und=0.0))]
+    with pytest.raises(ValueError, match="positive weight"):
+        PL.make_iterator(d, cfg)
 
 
 def test_packed_batch_contents(cfg):

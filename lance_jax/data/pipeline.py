@@ -8,6 +8,10 @@ synthetic content, so every record is reproducible from (seed, index) alone. Gro
 per-sample weights (`MapDataset.mix`), then `PackIterDataset` packs greedily into stream batches of exactly
 `capacities` and `batch(B)` stacks B packs per process and step.
 
+A curriculum (`data.phases`, optional): each phase draws its first `records` records (per process) with its
+own group weights; then the groups' own weights hold for the rest of the run. Every group continues where
+the earlier phases left it, so no record is drawn twice before its group's epoch ends.
+
 State (`get_state`/`set_state`, JSON): Grain's parent state taken *before* the record the packer carries
 into the next pack (none in drop-overflow mode), plus the corrupt-record counters. Restoring it and
 continuing gives exactly the same batches as never stopping.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import zlib
 from typing import Any
 
@@ -234,18 +239,66 @@ def capacities(data_cfg) -> Capacities:
     return Capacities(int(c.und), int(c.gen), int(c.ce), int(c.vit))
 
 
+def phase_plan(data_cfg) -> list[tuple[int | None, list[float]]]:
+    """[(records or None for the open-ended rest, per-group weights)]: `data.phases`, then the groups' weights.
+
+    A phase is dict(records=N, weights={group name: weight}); groups it does not name sit it out.
+    """
+    names = [g.get("name", f"group{i}") for i, g in enumerate(data_cfg.groups)]
+    plan = []
+    for k, phase in enumerate(data_cfg.get("phases", None) or []):
+        weights = dict(phase.get("weights", {}))
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise ValueError(f"data.phases[{k}] names groups {unknown} that data.groups does not have {names}")
+        if int(phase.get("records", 0)) < 1 or not any(float(w) > 0 for w in weights.values()):
+            raise ValueError(f"data.phases[{k}] needs records >= 1 and a positive weight, got {dict(phase)}")
+        if any(float(w) < 0 for w in weights.values()):
+            raise ValueError(f"data.phases[{k}] has a negative weight: {weights}")
+        plan.append((int(phase["records"]), [float(weights.get(n, 0.0)) for n in names]))
+    plan.append((None, [float(g.get("weight", 1.0)) for g in data_cfg.groups]))
+    return plan
+
+
+def mixture(groups: list, weights: list[float]) -> grain.MapDataset:
+    """The groups with positive weight, mixed in proportion (one group: itself)."""
+    keep = [i for i, w in enumerate(weights) if w > 0]
+    if len(keep) == 1:
+        return groups[keep[0]]
+    return grain.MapDataset.mix([groups[i] for i in keep], [weights[i] for i in keep])
+
+
+def draws_per_group(weights: list[float], records: int) -> list[int]:
+    """How many of the first `records` records of `mixture(groups, weights)` come from each group."""
+    tags = [grain.MapDataset.source([i]).repeat() for i in range(len(weights))]
+    mixed = mixture(tags, weights)
+    return np.bincount([mixed[i] for i in range(records)], minlength=len(weights)).tolist()
+
+
+def curriculum(groups: list, plan: list[tuple[int | None, list[float]]]) -> grain.MapDataset:
+    """The phases' mixtures one after another; each group resumes after the records earlier phases drew."""
+    parts, offsets = [], [0] * len(groups)
+    for records, weights in plan[:-1]:
+        parts.append(mixture([g[o:] for g, o in zip(groups, offsets)], weights)[:records])
+        offsets = [o + n for o, n in zip(offsets, draws_per_group(weights, records))]
+    rest = mixture([g[o:] for g, o in zip(groups, offsets)], plan[-1][1])
+    if not parts:
+        return rest
+    # Grain sums the parts' lengths: the open-ended rest is cut so that the total still fits an index
+    return grain.MapDataset.concatenate(parts + [rest[:sys.maxsize - sum(r for r, _ in plan[:-1])]])
+
+
 def make_dataset(data_cfg, cfg, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """IterDataset of batches: dicts of (B, ...) arrays, B = data_cfg.batch_size // process_count packs."""
     seed = int(data_cfg.seed)
-    groups, weights = [], []
+    groups = []
     for gi, g in enumerate(data_cfg.groups):
         ds = grain.MapDataset.source(make_source(g, seed))
         ds = ds[process_index::process_count]
         ds = ds.shuffle(seed=seed + 7919 * gi).repeat()
         ds = ds.random_map(Builder(g, cfg, MR.make_builder(g, cfg, data_cfg)), seed=seed + 104729 * (gi + 1))
         groups.append(ds)
-        weights.append(float(g.get("weight", 1.0)))
-    mixed = groups[0] if len(groups) == 1 else grain.MapDataset.mix(groups, weights)
+    mixed = curriculum(groups, phase_plan(data_cfg))
     packed = PackIterDataset(mixed.to_iter_dataset(), cfg, capacities(data_cfg),
                              token_budget=data_cfg.get("token_budget", None),
                              drop_overflow=bool(data_cfg.get("drop_overflow", True)),
