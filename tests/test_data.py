@@ -80,7 +80,7 @@ def test_phases_draw_their_groups_first_then_continue_without_repeats():
 
 def test_phases_in_the_pipeline(cfg):
     """data.phases reaches the iterator (the first records all come from the phase's group), is resumable,
-    and a phase naming an unknown group or drawing nothing is refused by name."""
+    and a phase naming an unknown group or drawing nothing, or a negative group weight, is refused by name."""
     d = data_cfg(False)
     d.phases = [dict(records=10, weights=dict(und=1.0))]  # a batch here holds ~4 und records (or ~13 mixed)
     it = PL.make_iterator(d, cfg)
@@ -99,6 +99,10 @@ def test_phases_in_the_pipeline(cfg):
         PL.make_iterator(d, cfg)
     d.phases = [dict(records=6, weights=dict(und=0.0))]
     with pytest.raises(ValueError, match="positive weight"):
+        PL.make_iterator(d, cfg)
+    d.phases = []
+    d.groups[0]["weight"], d.groups[1]["weight"] = 0.0, -1.0
+    with pytest.raises(ValueError, match="weights must be >= 0"):
         PL.make_iterator(d, cfg)
 
 

@@ -37,9 +37,9 @@ def base(model: str = "lance_3b_video") -> ml_collections.ConfigDict:
         seed=2026, batch_size=8, token_budget=TOKENS_PER_RANK, drop_overflow=True,
         capacities=dict(und=32768, gen=32768, ce=4096, vit=16384),
         max_bad_fraction=0.05, min_records_for_report=100, fail_on_bad_shard=False, groups=[],
-        # curriculum (pipeline.py): [dict(records=N, weights={group name: w})] drawn first, per process; then
-        # the groups' own weights
-        phases=[],
+        # curriculum (pipeline.py): (dict(records=N, weights={group name: w}), ...) drawn first, per process;
+        # then the groups' own weights. A tuple: absl's --config flags cannot override a list field
+        phases=(),
         # real-media records (media_records.py): a tokenizer folder / converted checkpoint, and the converted
         # checkpoint holding the frozen ViT + VAE ('@init' = init.ckpt); '' tokenizer = byte-id smoke path
         tokenizer="", encoder_ckpt="", encoder_dtype="",

@@ -256,7 +256,11 @@ def phase_plan(data_cfg) -> list[tuple[int | None, list[float]]]:
         if any(float(w) < 0 for w in weights.values()):
             raise ValueError(f"data.phases[{k}] has a negative weight: {weights}")
         plan.append((int(phase["records"]), [float(weights.get(n, 0.0)) for n in names]))
-    plan.append((None, [float(g.get("weight", 1.0)) for g in data_cfg.groups]))
+    own = [float(g.get("weight", 1.0)) for g in data_cfg.groups]
+    if any(w < 0 for w in own) or not any(w > 0 for w in own):
+        raise ValueError(f"data.groups weights must be >= 0 with one positive (0: the group sits out), got "
+                         f"{dict(zip(names, own))}")
+    plan.append((None, own))
     return plan
 
 
