@@ -333,16 +333,48 @@ def test_vit_pretraining_fits_the_read_out():
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)))
 
 
-def test_stage_data_refuses_to_swap_the_vit_under_a_run(tmp_path):
-    """Encoders written with other ViT settings are rewritten, but not while ROOT/train holds a run on them."""
+def test_encoder_settings_cover_the_merger_width_and_the_codec(tmp_path):
+    """Encoders written for another model width (the ViT merger projects to it) or codec are not reused."""
     from lance_jax.demo import run as DR
 
     config = DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path), [])
     enc = tmp_path / "encoders"
     enc.mkdir()
-    other = dict(DR.encoder_settings(config), vit_pretrain=dict(steps=0, batch_size=8, lr=0.01))
-    (enc / DR.ENCODER_SETTINGS).write_text(json.dumps(other))
-    (tmp_path / "train").mkdir()
-    with pytest.raises(ValueError, match="other ViT settings"):
-        DR.stage_data(config, console=lambda *a: None)
-    assert (enc / DR.ENCODER_SETTINGS).read_text() == json.dumps(other)  # nothing touched
+    (enc / DR.ENCODER_SETTINGS).write_text(json.dumps(DR.encoder_settings(config)))
+    assert DR._same_encoders(str(enc), config)
+    assert DR._same_encoders(str(enc), DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path), ["--config.optimizer.lr=1e-3"]))
+    for flag in ("--config.model.vit_out_hidden_size=192", "--config.model.autoencoder=wan2.2", "--config.demo.seed=1",
+                 "--config.demo.vit_pretrain.steps=0"):
+        assert not DR._same_encoders(str(enc), DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path), [flag])), flag
+
+
+def test_a_training_run_resumes_only_under_its_own_config(tmp_path, monkeypatch):
+    """ROOT/train/<key>: a changed config trains in its own workdir instead of resuming (and caching as its
+    own) another config's finished run; --retrain starts the config's run over."""
+    from lance_jax.demo import checkpoint as DC
+    from lance_jax.demo import run as DR
+    from lance_jax.train import loop as L
+
+    monkeypatch.setenv("LANCE_DEMO_CACHE", str(tmp_path / "cache"))
+    runs = []
+
+    def fake_run(config, workdir, console=print):
+        runs.append((workdir, sorted(os.listdir(workdir)) if os.path.isdir(workdir) else None))
+        os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+        return {}
+
+    monkeypatch.setattr(L, "run", fake_run)
+    monkeypatch.setattr(DC, "export_trained", lambda config, workdir, enc, out: (os.makedirs(out, exist_ok=True),
+                                                                                 dict(reference=dict(note="")))[1])
+    load = lambda *flags: DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"), list(flags))  # noqa: E731
+    base, other_lr, more_logs = load(), load("--config.optimizer.lr=1e-3"), load("--config.train.log_every=7")
+    assert DR.train_workdir(base) == DR.train_workdir(more_logs)  # logging does not change the weights
+    assert DR.train_workdir(base) != DR.train_workdir(other_lr)
+    assert os.path.dirname(DR.train_workdir(base)) == str(tmp_path / "root" / "train")
+    quiet = dict(console=lambda *a: None)
+    DR.stage_train(base, **quiet)
+    DR.stage_train(other_lr, **quiet)
+    assert [w for w, _ in runs] == [DR.train_workdir(base), DR.train_workdir(other_lr)]
+    assert runs[1][1] is None  # the lr change found no run to resume
+    DR.stage_train(base, retrain=True, **quiet)
+    assert runs[2] == (DR.train_workdir(base), None)  # started over, not resumed

@@ -1,5 +1,7 @@
 """Training: golden loss through the step, finite differences, checkpoint/resume bit-exactness, freezing,
 non-finite skipping, and an end-to-end `train.py` run."""
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -209,6 +211,25 @@ def test_train_py_end_to_end(tmp_path):
     assert "step 2:" in out.stdout
     assert os.path.isdir(tmp_path / "checkpoints" / "2")
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tb"))
+    record = json.loads((tmp_path / L.RUN_CONFIG).read_text())
+    assert record["config"]["train"]["steps"] == 2 and record["model"]["num_layers"] >= 1
+
+
+def test_resume_under_another_model_is_refused(tmp_path):
+    """run_config.json: the same config resumes silently, other settings are listed, another model is refused
+    with the differing field named (a restore would otherwise read the weights as another model)."""
+    config = tiny_config(steps=2)
+    cfg = L.model_config(config)
+    L.check_resume(str(tmp_path), L.run_record(config, cfg), console=pytest.fail)  # no record yet: no check
+    L.write_run_record(str(tmp_path), L.run_record(config, cfg))
+    lines = []
+    L.check_resume(str(tmp_path), L.run_record(config, cfg), console=lines.append)
+    assert lines == []
+    L.check_resume(str(tmp_path), L.run_record(tiny_config(steps=9), cfg), console=lines.append)
+    assert len(lines) == 1 and "train.steps: 2 -> 9" in lines[0]
+    other = dataclasses.replace(cfg, rope_theta=cfg.rope_theta * 2)
+    with pytest.raises(ValueError, match=r"another model \(1 field\(s\) differ: rope_theta"):
+        L.check_resume(str(tmp_path), L.run_record(config, other), console=lines.append)
 
 
 @pytest.mark.slow
@@ -220,4 +241,5 @@ def test_train_py_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     again = subprocess.run(cmd + ["--config.train.steps=4"], capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
     assert again.returncode == 0 and "resumed from step 2" in again.stdout, again.stderr[-3000:]
+    assert "train.steps: 2 -> 4" in again.stdout
     assert os.path.isdir(tmp_path / "checkpoints" / "4")

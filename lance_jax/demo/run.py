@@ -6,7 +6,8 @@ one) -> every task through `infer.py` on held-out prompts -> quality table (+ JS
 
 ROOT/encoders   tokenizer + pretrained frozen ViT (+ the untrained Lance): what the data pipeline encodes with
 ROOT/shards     one shard folder per task (`synthetic.write_demo_shards`)
-ROOT/train      the training run (orbax checkpoints, TensorBoard); resumes when re-run
+ROOT/train/<key>  the training run of one config (orbax checkpoints, TensorBoard); resumes when re-run
+                with that config, never under another one (`key` as below)
 CACHE/<key>     the finished checkpoint (converted layout); `key` hashes the config, so a finished demo
                 is reused until the model, data or training settings change (CACHE: $LANCE_DEMO_CACHE or
                 ~/.cache/lance_jax/demo)
@@ -75,9 +76,11 @@ ENCODER_SETTINGS = "demo_encoders.json"
 
 
 def encoder_settings(config) -> dict:
-    """What the encoder checkpoint's ViT depends on (seed, scene size, pretraining)."""
-    d = config.demo
-    return dict(seed=int(d.seed), size=int(d.size), vit_pretrain=d.vit_pretrain.to_dict())
+    """What the encoder checkpoint depends on: the ViT (seed, scene size, pretraining, merger width = the model's
+    width) and the codec the data pipeline encodes with (the model config's `autoencoder`)."""
+    d, m = config.demo, config.model
+    return dict(seed=int(d.seed), size=int(d.size), vit_pretrain=d.vit_pretrain.to_dict(),
+                vit_out_hidden_size=int(m.vit_out_hidden_size), autoencoder=str(m.autoencoder))
 
 
 def _same_encoders(enc: str, config) -> bool:
@@ -100,11 +103,9 @@ def stage_data(config, console=print) -> None:
     root, d = config.demo.root, config.demo
     enc = config.data.encoder_ckpt
     if os.path.isdir(enc) and not _same_encoders(enc, config):
-        train = os.path.join(root, "train")
-        if os.path.isdir(train):
-            raise ValueError(f"{enc} was written with other ViT settings than {encoder_settings(config)} and {train} "
-                             f"holds a run on them: use another --root, or remove both to start over")
-        console(f"{enc} was written with other ViT settings: writing it again")
+        # Safe beside other configs' runs: each run resumes only under its own config (ROOT/train/<key>), whose
+        # key covers every encoder setting, and the encoders are a deterministic function of those settings.
+        console(f"{enc} was written with other encoder settings: writing it again")
         shutil.rmtree(enc)
     if not os.path.isdir(enc):
         import flax.linen as nn
@@ -147,8 +148,15 @@ def stage_data(config, console=print) -> None:
 # ---------------------------------------------------------------------------------------------- train
 
 
+def train_workdir(config) -> str:
+    """ROOT/train/<cache key>: a run is resumed only by the config that started it (one ROOT/train shared by all
+    configs resumed a finished run under a changed config and cached its weights as that config's)."""
+    return os.path.join(config.demo.root, "train", cache_key(config))
+
+
 def stage_train(config, *, retrain: bool = False, console=print) -> str:
-    """The trained demo checkpoint: the cached one, or train + export. Returns its path."""
+    """The trained demo checkpoint: the cached one, or train + export. Returns its path. retrain: start this
+    config's run over (its workdir is removed) and replace the cached checkpoint."""
     from lance_jax.demo import checkpoint as DC
     from lance_jax.train import loop as L
 
@@ -157,7 +165,10 @@ def stage_train(config, *, retrain: bool = False, console=print) -> str:
         console(f"reusing the trained demo checkpoint {cached} (--retrain to train again)")
         return cached
     out = cache_dir(config)
-    workdir = os.path.join(config.demo.root, "train")
+    workdir = train_workdir(config)
+    if retrain and os.path.isdir(workdir):
+        console(f"--retrain: starting {workdir} over")
+        shutil.rmtree(workdir)
     t0 = time.time()
     metrics = L.run(config, workdir, console=console)
     manifest = DC.export_trained(config, workdir, config.data.encoder_ckpt, out)

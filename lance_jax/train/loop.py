@@ -5,7 +5,9 @@ folder; ckpt: a `convert_weights.py to-jax` folder, whose model config and Lance
 `init.model_overrides` adjusts the config), optimizer, freeze, ema_decay, mesh, data (pipeline.make_dataset;
 `data.prefetch`: batches built ahead in a background thread, 0 = none, see data/prefetch.py), train (steps, log_every,
 save_every, keep, seed, timesteps). Re-running the same command with the same workdir resumes from the
-latest checkpoint (params, optimizer, EMA, step, rng and the data iterator state).
+latest checkpoint (params, optimizer, EMA, step, rng and the data iterator state). `workdir/run_config.json`
+records the run's resolved model config and config sections: a resume under another model is refused by name,
+other changed settings (more steps, another learning rate) are listed and taken.
 
 Multi-host (`sharding.initialize_distributed` first, as `train.py` does): every process runs `run` with the
 same config and workdir. Each reads its own slice of the data (`data.batch_size / process_count` rows per
@@ -15,6 +17,8 @@ TensorBoard, the metric lines and the progress bar.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -136,13 +140,70 @@ def global_batch(batch, mesh, shardings_of, batch_size: int | None = None):
     return {k: jax.make_array_from_process_local_data(shardings_of[k], v, shape(v)) for k, v in batch.items()}
 
 
+RUN_CONFIG = "run_config.json"
+
+
+def run_record(config, cfg) -> dict:
+    """What `run_config.json` holds: the resolved model config (after init.ckpt / overrides) and every config
+    section, JSON-normalised."""
+    sections = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k] for k in config.keys()}
+    return json.loads(json.dumps(dict(model=dataclasses.asdict(cfg), config=sections), default=str))
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def changed_fields(old: dict, new: dict) -> dict:
+    """{dotted key: (old value, new value)} of the leaves that differ (a missing side is None)."""
+    a, b = _flat(old), _flat(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_resume(workdir: str, record: dict, console=print) -> None:
+    """Refuse to resume `workdir` under another model config (the restored weights would be read as another
+    model, or fail deep in the restore with a shape error); list the other settings that changed."""
+    path = os.path.join(workdir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        return  # a run from before run_config.json: nothing to compare with
+    with open(path) as f:
+        old = json.load(f)
+    model = changed_fields(old.get("model", {}), record["model"])
+    if model:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in list(model.items())[:8]))
+        raise ValueError(f"{workdir} holds a run of another model ({len(model)} field(s) differ: {shown}); "
+                         f"use another --workdir, or remove its checkpoints to start over")
+    other = changed_fields(old.get("config", {}), record["config"])
+    if other:
+        console(f"resuming {workdir} with changed settings: " +
+                "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in other.items()))
+
+
+def write_run_record(workdir: str, record: dict) -> None:
+    tmp = os.path.join(workdir, RUN_CONFIG + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(workdir, RUN_CONFIG))
+
+
 def run(config, workdir: str, *, progress: bool = True, console=print, mesh=None) -> dict:
     """Train until config.train.steps; returns the last logged metrics. mesh: default from config.mesh."""
     os.makedirs(workdir, exist_ok=True)
     b = build(config, mesh=mesh)
     mesh, state, jstep, it = b["mesh"], b["state"], b["step"], b["data"]
     ckpt = C.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep))
-    if ckpt.latest_step() is not None:
+    record = run_record(config, b["cfg"])
+    resuming = ckpt.latest_step() is not None
+    if resuming:
+        check_resume(workdir, record, console=console if jax.process_index() == 0 else (lambda *a: None))
+    if jax.process_index() == 0:
+        write_run_record(workdir, record)  # the settings the run goes on with
+    if resuming:
         state, data_state, step = ckpt.restore(C.abstract_like(state, b["shardings"]))
         if data_state:
             it.set_state(data_state)
