@@ -239,6 +239,13 @@ def capacities(data_cfg) -> Capacities:
     return Capacities(int(c.und), int(c.gen), int(c.ce), int(c.vit))
 
 
+def _checked_weights(label: str, weights: dict) -> dict:
+    """weights, unless one is negative or none is positive (0: the group sits out)."""
+    if any(float(w) < 0 for w in weights.values()) or not any(float(w) > 0 for w in weights.values()):
+        raise ValueError(f"{label} weights must be >= 0 with one positive weight (0: the group sits out), got {weights}")
+    return weights
+
+
 def phase_plan(data_cfg) -> list[tuple[int | None, list[float]]]:
     """[(records or None for the open-ended rest, per-group weights)]: `data.phases`, then the groups' weights.
 
@@ -247,20 +254,15 @@ def phase_plan(data_cfg) -> list[tuple[int | None, list[float]]]:
     names = [g.get("name", f"group{i}") for i, g in enumerate(data_cfg.groups)]
     plan = []
     for k, phase in enumerate(data_cfg.get("phases", None) or []):
-        weights = dict(phase.get("weights", {}))
+        weights = _checked_weights(f"data.phases[{k}]", dict(phase.get("weights", {})))
         unknown = sorted(set(weights) - set(names))
         if unknown:
             raise ValueError(f"data.phases[{k}] names groups {unknown} that data.groups does not have {names}")
-        if int(phase.get("records", 0)) < 1 or not any(float(w) > 0 for w in weights.values()):
-            raise ValueError(f"data.phases[{k}] needs records >= 1 and a positive weight, got {dict(phase)}")
-        if any(float(w) < 0 for w in weights.values()):
-            raise ValueError(f"data.phases[{k}] has a negative weight: {weights}")
+        if int(phase.get("records", 0)) < 1:
+            raise ValueError(f"data.phases[{k}] needs records >= 1, got {dict(phase)}")
         plan.append((int(phase["records"]), [float(weights.get(n, 0.0)) for n in names]))
-    own = [float(g.get("weight", 1.0)) for g in data_cfg.groups]
-    if any(w < 0 for w in own) or not any(w > 0 for w in own):
-        raise ValueError(f"data.groups weights must be >= 0 with one positive (0: the group sits out), got "
-                         f"{dict(zip(names, own))}")
-    plan.append((None, own))
+    own = _checked_weights("data.groups", {n: float(g.get("weight", 1.0)) for n, g in zip(names, data_cfg.groups)})
+    plan.append((None, list(own.values())))
     return plan
 
 

@@ -175,13 +175,16 @@ def check_resume(workdir: str, record: dict, console=print) -> None:
         old = json.load(f)
     model = changed_fields(old.get("model", {}), record["model"])
     if model:
-        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in list(model.items())[:8]))
-        raise ValueError(f"{workdir} holds a run of another model ({len(model)} field(s) differ: {shown}); "
-                         f"use another --workdir, or remove its checkpoints to start over")
+        raise ValueError(f"{workdir} holds a run of another model ({len(model)} field(s) differ: "
+                         f"{_listed(dict(list(model.items())[:8]))}); use another --workdir, or remove its "
+                         "checkpoints to start over")
     other = changed_fields(old.get("config", {}), record["config"])
     if other:
-        console(f"resuming {workdir} with changed settings: " +
-                "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in other.items()))
+        console(f"resuming {workdir} with changed settings: {_listed(other)}")
+
+
+def _listed(changes: dict) -> str:
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
 def write_run_record(workdir: str, record: dict) -> None:
@@ -198,16 +201,14 @@ def run(config, workdir: str, *, progress: bool = True, console=print, mesh=None
     mesh, state, jstep, it = b["mesh"], b["state"], b["step"], b["data"]
     ckpt = C.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep))
     record = run_record(config, b["cfg"])
-    resuming = ckpt.latest_step() is not None
-    if resuming:
+    if ckpt.latest_step() is not None:
         check_resume(workdir, record, console=console if jax.process_index() == 0 else (lambda *a: None))
-    if jax.process_index() == 0:
-        write_run_record(workdir, record)  # the settings the run goes on with
-    if resuming:
         state, data_state, step = ckpt.restore(C.abstract_like(state, b["shardings"]))
         if data_state:
             it.set_state(data_state)
         console(f"resumed from step {step}")
+    if jax.process_index() == 0:
+        write_run_record(workdir, record)  # the settings the run goes on with
     writer = MT.MetricWriter(os.path.join(workdir, "tb") if jax.process_index() == 0 else None,
                              console=console if jax.process_index() == 0 else None)
     b_sh = Sp.batch_shardings(mesh, b["batch_abstract"])
