@@ -18,6 +18,8 @@ Stream batch keys (per packed sequence; `stack_stream_batches` adds the leading 
   ce_rows (Kce,) int32            und rows whose next token is supervised
   ce_labels (Kce,) int32          the supervised ids (-100 on padding)
   ce_valid (Kce,) bool            real CE slots (they all count in the CE denominator)
+  gen_loss_weight (Cg,), ce_loss_weight (Kce,) float32   optional: each token's factor on its loss term (its
+                                  data group's `loss_weight`; 0 on padding). Absent: every factor is 1
   und_index (Cu,), gen_index (Cg,) int32   original sequence index of each row, -1 on padding
 """
 from __future__ import annotations
@@ -94,11 +96,14 @@ def plan_stream_batch(
     ce_labels: np.ndarray,
     capacities: Capacities | None = None,
     bucket: int = 128,
+    gen_loss_weight: np.ndarray | None = None,
+    ce_loss_weight: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """One packed sequence (N real tokens, reference order) -> its stream batch (module docstring).
 
-    vae_token_indexes / latents / latent_pos_ids / timestep_logits are aligned (one row per latent
-    token, packing order); vit_token_indexes are in the order of the ViT output rows.
+    vae_token_indexes / latents / latent_pos_ids / timestep_logits (/ gen_loss_weight) are aligned (one row
+    per latent token, packing order); ce_loss_weight is aligned with ce_indexes; vit_token_indexes are in the
+    order of the ViT output rows.
     """
     token_ids = np.asarray(token_ids, np.int32)
     n = len(token_ids)
@@ -114,6 +119,9 @@ def plan_stream_batch(
         raise ValueError(f"position_ids shape {position_ids.shape} != (3, {n})")
     if len(ce_idx) != len(ce_labels):
         raise ValueError(f"{len(ce_idx)} CE indexes but {len(ce_labels)} labels")
+    for name, w, n_rows in (("gen_loss_weight", gen_loss_weight, len(vae_idx)), ("ce_loss_weight", ce_loss_weight, len(ce_idx))):
+        if w is not None and np.shape(w) != (n_rows,):
+            raise ValueError(f"{name} has shape {np.shape(w)}, expected ({n_rows},): one weight per row")
     is_gen = np.zeros(n, bool)
     is_gen[vae_idx] = True
     und_idx = np.flatnonzero(~is_gen)
@@ -155,6 +163,10 @@ def plan_stream_batch(
         und_index=und_rows.astype(np.int32),
         gen_index=gen_rows.astype(np.int32),
     )
+    if gen_loss_weight is not None:
+        plan["gen_loss_weight"] = _pad(np.asarray(gen_loss_weight, np.float32), caps.gen, 0.0)
+    if ce_loss_weight is not None:
+        plan["ce_loss_weight"] = _pad(np.asarray(ce_loss_weight, np.float32), caps.ce, 0.0)
     return plan
 
 
@@ -164,6 +176,7 @@ _FIELDS = {
     "latents": ("gen", 0.0), "latent_pos_ids": ("gen", 0), "timestep_logits": ("gen", -np.inf), "gen_index": ("gen", -1),
     "position_ids": ("seq", 0), "order": ("seq", 0), "sample": ("seq", -1), "split": ("seq", -1), "mode": ("seq", 0),
     "ce_rows": ("ce", 0), "ce_labels": ("ce", IGNORE_LABEL), "ce_valid": ("ce", False),
+    "gen_loss_weight": ("gen", 0.0), "ce_loss_weight": ("ce", 0.0),  # optional fields
 }
 
 
@@ -181,6 +194,8 @@ def pad_stream_batch(plan: dict[str, np.ndarray], capacities: Capacities) -> dic
         raise ValueError(f"cannot shrink capacities {old} to {capacities}")
     out = dict(plan)
     for key, (kind, fill) in _FIELDS.items():
+        if key not in plan:
+            continue
         a = plan[key]
         axis = a.ndim - (2 if key == "latents" else 1)
         if kind == "seq":  # und rows then gen rows: pad each part

@@ -124,6 +124,28 @@ def test_packed_batch_contents(cfg):
         assert len(np.unique(z[(item == k) & np.isfinite(z)])) == 1
 
 
+def test_group_loss_weight_reaches_every_token_of_its_records(cfg):
+    """A group's loss_weight is each of its records' factor on its latent rows and CE slots (padding 0);
+    a bad value is refused by group name."""
+    d = data_cfg()
+    d.groups[0]["loss_weight"], d.groups[1]["loss_weight"] = 0.25, 3.0
+    it = PL.make_iterator(d, cfg)
+    seen = set()
+    for _ in range(3):
+        b = next(it)
+        real_gen, real_ce = b["gen_index"] >= 0, b["ce_valid"]
+        assert set(np.unique(b["gen_loss_weight"][real_gen])) <= {0.25, 3.0}
+        assert set(np.unique(b["ce_loss_weight"][real_ce])) <= {0.25, 3.0}
+        assert not b["gen_loss_weight"][~real_gen].any() and not b["ce_loss_weight"][~real_ce].any()
+        seen |= set(np.unique(b["gen_loss_weight"][real_gen])) | set(np.unique(b["ce_loss_weight"][real_ce]))
+    assert seen == {0.25, 3.0}
+    plain = next(PL.make_iterator(data_cfg(), cfg))
+    assert np.all(plain["gen_loss_weight"][plain["gen_index"] >= 0] == 1.0)
+    d.groups[1]["loss_weight"] = -1.0
+    with pytest.raises(ValueError, match=f"{d.groups[1]['name']}.*loss_weight must be"):
+        PL.make_iterator(d, cfg)
+
+
 def test_caption_dropout_and_ff2v(cfg):
     rng = np.random.default_rng(0)
     spec = dict(task="ff2v", caption_len=5, latent_grid=(3, 2, 2))

@@ -97,6 +97,33 @@ def test_noise_from_rng_is_deterministic_and_used(golden_cfg, golden_inputs):
     assert a == b_ and a != c
 
 
+def test_loss_weights_scale_each_tokens_term(golden_cfg, golden_inputs):
+    """Per-token loss weights: all 1 is bit-for-bit the reference loss; otherwise each token's term is scaled
+    over the unchanged token-count denominators, and weight 0 removes a token's gradient."""
+    params, batch, noise, _ = golden_inputs
+    ref = _apply(golden_cfg, params, batch, noise)
+    ones = dict(batch, gen_loss_weight=np.ones(batch["latents"].shape[:2], np.float32),
+                ce_loss_weight=np.ones(batch["ce_valid"].shape, np.float32))
+    same = _apply(golden_cfg, params, ones, noise)
+    for k in ("ce_loss", "mse_loss", "loss"):
+        assert float(same[k]) == float(ref[k]), k
+    rng = np.random.default_rng(0)
+    gw = rng.uniform(0.0, 2.0, batch["latents"].shape[:2]).astype(np.float32)
+    cw = rng.uniform(0.0, 2.0, batch["ce_valid"].shape).astype(np.float32)
+    out = _apply(golden_cfg, params, dict(batch, gen_loss_weight=gw, ce_loss_weight=cw), noise)
+    mask, valid = np.asarray(ref["mse_mask"]), np.asarray(batch["ce_valid"])
+    per_gen = np.asarray(ref["mse_per_elem"]).mean(-1)
+    want_mse = (per_gen * gw)[mask].sum() / mask.sum()
+    want_ce = (np.asarray(ref["ce_per_token"]) * cw)[valid].sum() / valid.sum()
+    # float32 sums over a few hundred terms: relative error ~1e-6
+    np.testing.assert_allclose(float(out["mse_loss"]), want_mse, rtol=1e-5)
+    np.testing.assert_allclose(float(out["ce_loss"]), want_ce, rtol=1e-5)
+    assert abs(want_mse - float(ref["mse_loss"])) > 1e-3 * float(ref["mse_loss"])  # the weights did change it
+    zero = dict(batch, gen_loss_weight=np.zeros_like(gw), ce_loss_weight=cw)
+    grads = jax.jit(jax.grad(lambda p: Lance(golden_cfg).apply({"params": p}, zero, noise=noise)["loss"]))(params)
+    assert float(jnp.abs(grads["llm2vae"]["kernel"]).max()) == 0.0  # no MSE term: the velocity head gets nothing
+
+
 def test_gradients_are_finite(golden_cfg, golden_inputs):
     params, batch, noise, _ = golden_inputs
     grads = jax.jit(jax.grad(lambda p: Lance(golden_cfg).apply({"params": p}, batch, noise=noise)["loss"]))(params)

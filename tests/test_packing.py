@@ -43,6 +43,27 @@ def test_stack_pads_to_largest_and_natural_order_roundtrips():
     assert sorted(batch["order"][1][back]) == list(range(22))
 
 
+def test_loss_weights_are_optional_rows_padded_with_zero():
+    plain = _plan()
+    assert "gen_loss_weight" not in plain and "ce_loss_weight" not in plain
+    n_lat = 4
+    kw = dict(token_ids=np.arange(100, 111), position_ids=np.tile(np.arange(11), (3, 1)), sample_lens=[11],
+              split_lens=[6, 4, 1], attn_modes=["causal", "noise", "causal"], vit_token_indexes=np.array([1]),
+              vae_token_indexes=np.arange(6, 10), latents=np.ones((n_lat, 4), np.float32),
+              latent_pos_ids=np.arange(n_lat), timestep_logits=np.zeros(n_lat), ce_indexes=np.array([0, 1]),
+              ce_labels=np.array([101, 102]), bucket=8)
+    plan = packing.plan_stream_batch(**kw, gen_loss_weight=np.full(n_lat, 0.5), ce_loss_weight=np.array([2.0, 3.0]))
+    np.testing.assert_array_equal(plan["gen_loss_weight"], [0.5] * 4 + [0.0] * 4)
+    np.testing.assert_array_equal(plan["ce_loss_weight"], [2.0, 3.0] + [0.0] * 6)
+    grown = packing.pad_stream_batch(plan, packing.Capacities(16, 16, 12, 8))
+    np.testing.assert_array_equal(grown["gen_loss_weight"][4:], 0.0)
+    assert grown["gen_loss_weight"].shape == (16,) and grown["ce_loss_weight"].shape == (12,)
+    with pytest.raises(ValueError, match="gen_loss_weight has shape"):
+        packing.plan_stream_batch(**kw, gen_loss_weight=np.ones(3))
+    with pytest.raises(ValueError, match="different keys"):
+        packing.stack_stream_batches([plan, plain])
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="do not fit capacity"):
         _plan(caps=packing.Capacities(4, 8, 8, 8))

@@ -205,7 +205,8 @@ def test_schedule_and_freeze_masks():
 def test_train_py_end_to_end(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--config={TINY}", f"--workdir={tmp_path}",
-           "--noprogress", "--config.train.steps=2", "--config.train.save_every=2", "--config.mesh.fsdp=1"]
+           "--noprogress", "--config.train.steps=2", "--config.train.save_every=2", "--config.mesh.fsdp=1",
+           "--config.data.groups[1].loss_weight=0.5"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 2:" in out.stdout
@@ -213,6 +214,7 @@ def test_train_py_end_to_end(tmp_path):
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tb"))
     record = json.loads((tmp_path / L.RUN_CONFIG).read_text())
     assert record["config"]["train"]["steps"] == 2 and record["model"]["num_layers"] >= 1
+    assert [g["loss_weight"] for g in record["config"]["data"]["groups"]] == [1.0, 0.5]  # a per-group override
 
 
 def test_resume_under_another_model_is_refused(tmp_path):

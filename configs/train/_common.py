@@ -60,7 +60,7 @@ def group(kind: str, path: str = "", weight: float = 1.0, source: str = "shards"
         v2t=dict(tasks=["v2t"], vit_resolution=616, max_duration=2.0),
     )[kind]
     g.update(name=kind, source=source, path=path or f"data/{kind}", weight=weight, text_drop=0.1, vit_drop=0.1,
-             timestep_shift=1.0)
+             timestep_shift=1.0, loss_weight=1.0)
     return g
 
 

@@ -30,5 +30,5 @@ def get_config(shards: str = "data/media"):
                        max_bad_fraction=0.5, min_records_for_report=20))
     c.data.groups = [dict(name="media", source="shards", path=shards or "data/media", tasks=["t2i", "t2v", "ff2v", "i2i", "i2t"],
                           task_rates=[1.0, 0.8, 0.2, 1.0, 1.0], resolution=64, vit_resolution=56, max_duration=2.0,
-                          weight=1.0, text_drop=0.1, vit_drop=0.1)]
+                          weight=1.0, loss_weight=1.0, text_drop=0.1, vit_drop=0.1)]
     return c

@@ -22,8 +22,9 @@ def get_config():
                        capacities=dict(und=256, gen=128, ce=32, vit=64)))
     c.data.groups = [
         dict(name="gen", source="synthetic", tasks=["t2i", "i2i", "ff2v"], task_rates=[0.5, 0.3, 0.2],
-             latent_grids=[(1, 2, 2), (2, 2, 3)], vit_grid=(1, 4, 4), weight=2.0, num_records=1000,
-             text_drop=0.1, vit_drop=0.1),
-        dict(name="und", source="synthetic", tasks=["i2t"], vit_grid=(1, 4, 4), weight=1.0, num_records=1000),
+             latent_grids=[(1, 2, 2), (2, 2, 3)], vit_grid=(1, 4, 4), weight=2.0, loss_weight=1.0,
+             num_records=1000, text_drop=0.1, vit_drop=0.1),
+        dict(name="und", source="synthetic", tasks=["i2t"], vit_grid=(1, 4, 4), weight=1.0, loss_weight=1.0,
+             num_records=1000),
     ]
     return c

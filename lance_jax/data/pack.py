@@ -27,16 +27,21 @@ def fits(used: Sequence[int], add: Sequence[int], caps: Capacities, token_budget
 
 
 def pack_records(records: Sequence[dict], cfg, caps: Capacities) -> dict[str, np.ndarray]:
-    """Concatenate records (reference order) -> one stream batch with exactly `caps` (+ vit_embeds, gen_item)."""
+    """Concatenate records (reference order) -> one stream batch with exactly `caps` (+ vit_embeds, gen_item,
+    and the per-token loss weights: each record's `loss_weight`, default 1, on its latent rows and CE slots)."""
     off, items = 0, 0
     cat = {k: [] for k in ("ids", "position_ids", "vit_index", "vae_index", "latents", "latent_pos",
-                           "timestep_logits", "gen_item", "ce_index", "ce_labels", "vit_embeds")}
+                           "timestep_logits", "gen_item", "ce_index", "ce_labels", "vit_embeds",
+                           "gen_loss_weight", "ce_loss_weight")}
     sample_lens, split_lens, modes = [], [], []
     for r in records:
         n = len(r["ids"])
         for k in ("ids", "latents", "latent_pos", "timestep_logits", "ce_labels", "vit_embeds"):
             cat[k].append(r[k])
         cat["position_ids"].append(r["position_ids"])
+        w = float(r.get("loss_weight", 1.0))
+        cat["gen_loss_weight"].append(np.full(len(r["vae_index"]), w, np.float32))
+        cat["ce_loss_weight"].append(np.full(len(r["ce_index"]), w, np.float32))
         for k in ("vit_index", "vae_index", "ce_index"):
             cat[k].append(r[k] + off)
         gi = r["gen_item"]
@@ -51,7 +56,8 @@ def pack_records(records: Sequence[dict], cfg, caps: Capacities) -> dict[str, np
         token_ids=c("ids"), position_ids=c("position_ids", 1), sample_lens=sample_lens, split_lens=split_lens,
         attn_modes=modes, vit_token_indexes=c("vit_index"), vae_token_indexes=c("vae_index"), latents=c("latents"),
         latent_pos_ids=c("latent_pos"), timestep_logits=c("timestep_logits"), ce_indexes=c("ce_index"),
-        ce_labels=c("ce_labels"), capacities=caps)
+        ce_labels=c("ce_labels"), capacities=caps, gen_loss_weight=c("gen_loss_weight"),
+        ce_loss_weight=c("ce_loss_weight"))
     vit = c("vit_embeds")
     vit_buf = np.zeros((caps.vit, cfg.vit_out_hidden_size), np.float32)
     vit_buf[: len(vit)] = vit

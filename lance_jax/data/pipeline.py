@@ -5,7 +5,7 @@ Per group (a `data.groups` entry): source (synthetic / our shards / reference Pa
 slice (`[process_index::process_count]`) -> shuffle(seed) -> repeat (reshuffled per epoch) ->
 `random_map(build)`: the per-record numpy Generator draws the CFG drops, the raw timestep z and the
 synthetic content, so every record is reproducible from (seed, index) alone. Groups are mixed with
-per-sample weights (`MapDataset.mix`), then `PackIterDataset` packs greedily into stream batches of exactly
+per-sample weights (`MapDataset.mix`; a group's `loss_weight` scales its tokens' loss terms instead), then `PackIterDataset` packs greedily into stream batches of exactly
 `capacities` and `batch(B)` stacks B packs per process and step.
 
 A curriculum (`data.phases`, optional): each phase draws its first `records` records (per process) with its
@@ -97,8 +97,15 @@ class Builder:
         self.g, self.cfg, self.media = group, cfg, media  # media: a `media_records.MediaRecordBuilder` or None
         self.vocab = min(cfg.vocab_size_eff, cfg.pad_token_id)
         self.logit_offset = MR.group_logit_offset(group)
+        self.loss_weight = group_loss_weight(group)
 
     def __call__(self, row: dict, rng: np.random.Generator) -> dict:
+        rec = self.record(row, rng)
+        if "_bad" not in rec:
+            rec["loss_weight"] = self.loss_weight
+        return rec
+
+    def record(self, row: dict, rng: np.random.Generator) -> dict:
         source = row.get("_source", self.g["name"])
         if "_bad" in row:
             return {"_bad": row["_bad"], "_source": source}
@@ -232,6 +239,16 @@ class PackIterator(grain.DatasetIterator):
 
 
 # ---------------------------------------------------------------- the pipeline
+
+
+def group_loss_weight(group) -> float:
+    """The group's `loss_weight` (default 1): the factor on its tokens' MSE and CE terms. The losses keep the
+    reference's denominators (all supervised tokens of the batch), so 1 everywhere is the reference loss and
+    0.5 halves the group's share of the gradient without changing how often its records are drawn."""
+    w = float(group.get("loss_weight", 1.0))
+    if not np.isfinite(w) or w < 0:
+        raise ValueError(f"data group {group.get('name', '?')!r}: loss_weight must be a finite number >= 0, got {w}")
+    return w
 
 
 def capacities(data_cfg) -> Capacities:

@@ -156,6 +156,8 @@ class Lance(nn.Module):
     def __call__(self, batch: dict, *, noise=None):
         """Training forward. Returns a dict: losses, per-token terms and the intermediates parity reads.
 
+        batch: a stream batch (`lance_jax.packing`); its optional gen_loss_weight (B, Cg) / ce_loss_weight (B, Kce)
+          scale each token's MSE / CE term.
         noise: (B, Cg, P) flow-matching noise; drawn from the 'noise' rng when None.
         """
         cfg = self.cfg
@@ -174,14 +176,18 @@ class Lance(nn.Module):
         h_ce = jnp.take_along_axis(hidden.und, batch["ce_rows"][..., None], axis=1)
         ce_logits = self.language_model.logits(h_ce)[..., : cfg.vocab_size_eff]
         ce = cross_entropy_per_token(ce_logits, batch["ce_labels"])
+        # optional per-token factors (a data group's loss_weight); the denominators stay the reference's
+        # token counts, so a factor scales that token's share of the gradient
+        ce_w = batch.get("ce_loss_weight", 1.0)
+        gen_w = batch.get("gen_loss_weight", 1.0)
         ce_count = jnp.sum(batch["ce_valid"])
-        ce_loss = jnp.sum(jnp.where(batch["ce_valid"], ce, 0.0)) / jnp.maximum(ce_count, 1)
+        ce_loss = jnp.sum(jnp.where(batch["ce_valid"], ce * ce_w, 0.0)) / jnp.maximum(ce_count, 1)
 
         v_pred = self.llm2vae(hidden.gen).astype(jnp.float32)
         mse_mask = t > 0  # the reference supervises exactly the latents with t > 0
         mse = jnp.square(v_pred - (noise - x0))
         mse_count = jnp.sum(mse_mask)
-        mse_loss = jnp.sum(jnp.where(mse_mask, jnp.mean(mse, axis=-1), 0.0)) / jnp.maximum(mse_count, 1)
+        mse_loss = jnp.sum(jnp.where(mse_mask, jnp.mean(mse, axis=-1) * gen_w, 0.0)) / jnp.maximum(mse_count, 1)
         return dict(
             loss=cfg.ce_weight * ce_loss + cfg.mse_weight * mse_loss,
             ce_loss=ce_loss,
