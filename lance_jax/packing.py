@@ -119,9 +119,6 @@ def plan_stream_batch(
         raise ValueError(f"position_ids shape {position_ids.shape} != (3, {n})")
     if len(ce_idx) != len(ce_labels):
         raise ValueError(f"{len(ce_idx)} CE indexes but {len(ce_labels)} labels")
-    for name, w, n_rows in (("gen_loss_weight", gen_loss_weight, len(vae_idx)), ("ce_loss_weight", ce_loss_weight, len(ce_idx))):
-        if w is not None and np.shape(w) != (n_rows,):
-            raise ValueError(f"{name} has shape {np.shape(w)}, expected ({n_rows},): one weight per row")
     is_gen = np.zeros(n, bool)
     is_gen[vae_idx] = True
     und_idx = np.flatnonzero(~is_gen)
@@ -163,10 +160,13 @@ def plan_stream_batch(
         und_index=und_rows.astype(np.int32),
         gen_index=gen_rows.astype(np.int32),
     )
-    if gen_loss_weight is not None:
-        plan["gen_loss_weight"] = _pad(np.asarray(gen_loss_weight, np.float32), caps.gen, 0.0)
-    if ce_loss_weight is not None:
-        plan["ce_loss_weight"] = _pad(np.asarray(ce_loss_weight, np.float32), caps.ce, 0.0)
+    for name, w, n_rows, cap in (("gen_loss_weight", gen_loss_weight, len(vae_idx), caps.gen),
+                                 ("ce_loss_weight", ce_loss_weight, len(ce_idx), caps.ce)):
+        if w is None:
+            continue
+        if np.shape(w) != (n_rows,):
+            raise ValueError(f"{name} has shape {np.shape(w)}, expected ({n_rows},): one weight per row")
+        plan[name] = _pad(np.asarray(w, np.float32), cap, 0.0)
     return plan
 
 

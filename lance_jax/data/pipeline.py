@@ -5,8 +5,9 @@ Per group (a `data.groups` entry): source (synthetic / our shards / reference Pa
 slice (`[process_index::process_count]`) -> shuffle(seed) -> repeat (reshuffled per epoch) ->
 `random_map(build)`: the per-record numpy Generator draws the CFG drops, the raw timestep z and the
 synthetic content, so every record is reproducible from (seed, index) alone. Groups are mixed with
-per-sample weights (`MapDataset.mix`; a group's `loss_weight` scales its tokens' loss terms instead), then `PackIterDataset` packs greedily into stream batches of exactly
-`capacities` and `batch(B)` stacks B packs per process and step.
+per-sample weights (`MapDataset.mix`; a group's `loss_weight` scales its tokens' loss terms instead), then
+`PackIterDataset` packs greedily into stream batches of exactly `capacities` and `batch(B)` stacks B packs
+per process and step.
 
 A curriculum (`data.phases`, optional): each phase draws its first `records` records (per process) with its
 own group weights; then the groups' own weights hold for the rest of the run. Every group continues where
