@@ -124,7 +124,7 @@ def stage_data(config, console=print) -> None:
 
             vit_params, report = pretrain(vit_cfg, vit_params, size=int(d.size), steps=int(pt.steps),
                                           seed=int(d.seed), batch_size=int(pt.batch_size), lr=float(pt.lr),
-                                          motion_steps=int(pt.get("motion_steps", 0)), console=console)
+                                          console=console)
             note = f"ViT pretrained: {json.dumps(report)}"
         lance = nn.unbox(init_params(cfg, jax.random.PRNGKey(int(d.seed)), dummy_stream_batch(cfg)))
         DC.write_checkpoint(enc, cfg, jax.device_get(lance), vit_cfg, vit_params, tok_dir,
