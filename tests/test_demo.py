@@ -155,7 +155,8 @@ def test_shortened_demo_runs_every_task(tmp_path, monkeypatch):
                                                    "x2t_video")]
     argv = ["--root", str(tmp_path / "root"), *rows, "--config.train.steps=3", "--config.train.log_every=1",
             "--config.train.save_every=3", "--config.model.num_layers=1", "--config.demo.eval_per_task=2",
-            "--config.demo.steps=2", "--config.optimizer.warmup_steps=1", "--config.demo.vit_pretrain.steps=3"]
+            "--config.demo.steps=2", "--config.optimizer.warmup_steps=1", "--config.demo.vit_pretrain.steps=3",
+            "--config.demo.vit_pretrain.motion_steps=1", "--config.demo.first_stage.steps=2"]
     assert DR.main(argv) == 0
     settings = json.loads((tmp_path / "root" / "encoders" / DR.ENCODER_SETTINGS).read_text())
     assert settings["vit_pretrain"]["steps"] == 3
@@ -291,9 +292,10 @@ def test_x2t_training_positions_shift_the_vit_block(demo_ckpt, monkeypatch):
     np.testing.assert_array_equal(t1 - t1.min(), t0 - t0.min())  # inside the block nothing changes
 
 
-def test_vit_pretraining_targets_are_each_tokens_colours_and_object_share():
+def test_vit_pretraining_targets_are_each_tokens_colours_object_share_and_motion():
     """Per merged token: mean colour of its region in both frames of the temporal patch, then the object's share
-    of the region in each; a 9-frame clip is padded to 10 frames like the ViT's input (last pair = frame 8 twice)."""
+    of the region in each, then the object's velocity times the share it covers in either frame; a 9-frame clip
+    is padded to 10 frames like the ViT's input (last pair = frame 8 twice, nothing moves in it)."""
     from lance_jax.demo import vit_pretrain as VP
 
     frames = np.zeros((9, 32, 32, 3), np.uint8)
@@ -302,8 +304,14 @@ def test_vit_pretraining_targets_are_each_tokens_colours_and_object_share():
         x = 8 * (f // 2) if f < 8 else 24
         frames[f, 8:16, x:x + 8] = 255
         masks[f, 8:16, x:x + 8] = True
-    t = VP.token_targets(frames, masks, 112)  # 112 px ViT input: 4x4 merged tokens of 8x8 scene px
+    t = VP.token_targets(frames, masks, 112, velocity=(0.0, 4.0))  # 112 px: 4x4 tokens of 8x8 scene px
     assert t.shape == (5, 4, 4, VP.TARGETS)
+    motion = t[..., 8:]
+    for g in range(4):
+        np.testing.assert_array_equal(motion[g, 1, g], [0.0, 4.0])
+        assert np.abs(motion[g]).sum() == 4.0
+    np.testing.assert_array_equal(motion[4], 0.0)  # the padded pair
+    np.testing.assert_array_equal(VP.token_targets(frames, masks, 112)[..., 8:], 0.0)  # no velocity given
     share_a, share_b = t[..., 6], t[..., 7]
     for g in range(4):
         assert share_a[g, 1, g] == 1.0 and share_b[g, 1, g] == 1.0 and share_a[g].sum() == 1.0
@@ -316,6 +324,21 @@ def test_vit_pretraining_targets_are_each_tokens_colours_and_object_share():
     np.testing.assert_array_equal(half[..., 6], half[..., 7])
     with pytest.raises(ValueError, match="multiple"):
         VP.token_targets(frames[:, :30, :30], masks[:, :30, :30], 112)
+
+
+def test_vit_pretraining_clips_report_the_velocity_their_object_moves_with():
+    """The motion target's sign and axis come from the clip itself: velocity (dy, dx), in pixels per frame, points the way the object's
+    centroid moves between the first and last frame; stills have none."""
+    from lance_jax.demo import vit_pretrain as VP
+
+    rng = np.random.default_rng(3)
+    for _ in range(8):
+        frames, masks, (dy, dx) = VP.clip(rng, 32, True)
+        ys, xs = [np.array([np.nonzero(m)[k].mean() for m in masks[[0, -1]]]) for k in (0, 1)]
+        shift = np.array([ys[1] - ys[0], xs[1] - xs[0]]) / (len(masks) - 1)  # px per frame
+        np.testing.assert_allclose([dy, dx], shift, atol=0.3)
+        assert (dy == 0) != (dx == 0)
+    assert VP.clip(rng, 32, False)[2] == (0.0, 0.0)
 
 
 def test_vit_pretraining_fits_the_read_out():
@@ -331,6 +354,26 @@ def test_vit_pretraining_fits_the_read_out():
     assert kind["last_loss"] < kind["first_loss"]
     assert jax.tree.structure(new) == jax.tree.structure(params)
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)))
+
+
+def test_vit_pretraining_motion_phase_reads_clips_for_motion_alone():
+    """The motion-only first phase trains on clips (a still would give it nothing to learn); its steps are not
+    counted in the per-kind losses, and without a video kind it is refused by name."""
+    from lance_jax.demo import checkpoint as DC
+    from lance_jax.demo import vit_pretrain as VP
+
+    cfg = DC.demo_vit_config(32, hidden_size=32, intermediate_size=64)
+    params = DC.random_vit_params(cfg, 0)
+    kinds = ((112, True), (112, False))
+    new, report = VP.pretrain(cfg, params, size=32, steps=4, motion_steps=2, batch_size=2, kinds=kinds,
+                              console=lambda *a: None)
+    assert report["motion_steps"] == 2
+    assert report["kinds"]["video@112"]["first_loss"] is not None  # step 2 (video), after the phase
+    assert report["kinds"]["video@112"]["r2"][VP.MOTION][0] is not None  # clips vary in motion
+    assert report["kinds"]["image@112"]["r2"][VP.MOTION] == [None, None]  # stills do not
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)))
+    with pytest.raises(ValueError, match="video kind"):
+        VP.pretrain(cfg, params, size=32, steps=2, motion_steps=1, kinds=((112, False),), console=lambda *a: None)
 
 
 def test_encoder_settings_cover_the_merger_width_and_the_codec(tmp_path):
@@ -366,7 +409,8 @@ def test_a_training_run_resumes_only_under_its_own_config(tmp_path, monkeypatch)
     monkeypatch.setattr(L, "run", fake_run)
     monkeypatch.setattr(DC, "export_trained", lambda config, workdir, enc, out: (os.makedirs(out, exist_ok=True),
                                                                                  dict(reference=dict(note="")))[1])
-    load = lambda *flags: DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"), list(flags))  # noqa: E731
+    load = lambda *flags: DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"),  # noqa: E731
+                                         ["--config.demo.first_stage.steps=0", *flags])
     base, other_lr, more_logs = load(), load("--config.optimizer.lr=1e-3"), load("--config.train.log_every=7")
     assert DR.train_workdir(base) == DR.train_workdir(more_logs)  # logging does not change the weights
     assert DR.train_workdir(base) != DR.train_workdir(other_lr)
@@ -378,3 +422,37 @@ def test_a_training_run_resumes_only_under_its_own_config(tmp_path, monkeypatch)
     assert runs[1][1] is None  # the lr change found no run to resume
     DR.stage_train(base, retrain=True, **quiet)
     assert runs[2] == (DR.train_workdir(base), None)  # started over, not resumed
+
+
+def test_the_first_stage_trains_its_groups_alone_and_the_mix_starts_from_it(tmp_path, monkeypatch):
+    """demo.first_stage: a run on the named groups alone (its own steps and LR decay, raw params exported), then
+    the full mix with init.ckpt = that run's checkpoint; the stage's settings key the cache; unknown groups are
+    refused by name."""
+    from lance_jax.demo import checkpoint as DC
+    from lance_jax.demo import run as DR
+    from lance_jax.train import loop as L
+
+    monkeypatch.setenv("LANCE_DEMO_CACHE", str(tmp_path / "cache"))
+    runs = []
+
+    def fake_run(config, workdir, console=print):
+        runs.append(config)
+        return {}
+
+    monkeypatch.setattr(L, "run", fake_run)
+    monkeypatch.setattr(DC, "export_trained", lambda config, workdir, enc, out: (os.makedirs(out, exist_ok=True),
+                                                                                 dict(reference=dict(note="")))[1])
+    load = lambda *flags: DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"), list(flags))  # noqa: E731
+    c = load("--config.demo.first_stage.steps=30", "--config.train.steps=50")
+    DR.stage_train(c, console=lambda *a: None)
+    first, mix = runs
+    assert [g["name"] for g in first.data.groups] == list(c.demo.first_stage.groups)
+    assert first.train.steps == first.optimizer.total_steps == 30 and first.ema_decay == 0.0
+    assert mix.train.steps == mix.optimizer.total_steps == 50 and mix.ema_decay == c.ema_decay
+    assert len(mix.data.groups) == len(c.data.groups)
+    assert mix.init.ckpt == DR.cache_dir(first) and DR.cache_dir(mix) == DR.cache_dir(c)
+    assert DR.first_stage_config(load("--config.demo.first_stage.steps=0")) is None
+    keys = {DR.cache_key(load(f"--config.demo.first_stage.steps={n}")) for n in (0, 30, 40)}
+    assert len(keys) == 3  # another first stage: another trained model
+    with pytest.raises(ValueError, match="first_stage.groups"):
+        DR.first_stage_config(load("--config.demo.first_stage.groups=('x2t_vidoe',)"))

@@ -45,7 +45,7 @@ def cache_key(config) -> str:
     keep = copy.deepcopy({k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
                           for k in ("model", "optimizer", "freeze", "ema_decay", "train", "data")})
     keep["demo"] = {k: v for k, v in config.demo.to_dict().items()
-                    if k in ("size", "vit_side", "seed", "rows", "vit_pretrain")}
+                    if k in ("size", "vit_side", "seed", "rows", "vit_pretrain", "first_stage")}
     from lance_jax.data.synthetic import DATA_VERSION
 
     keep["demo"]["data_version"] = DATA_VERSION
@@ -124,7 +124,7 @@ def stage_data(config, console=print) -> None:
 
             vit_params, report = pretrain(vit_cfg, vit_params, size=int(d.size), steps=int(pt.steps),
                                           seed=int(d.seed), batch_size=int(pt.batch_size), lr=float(pt.lr),
-                                          console=console)
+                                          motion_steps=int(pt.get("motion_steps", 0)), console=console)
             note = f"ViT pretrained: {json.dumps(report)}"
         lance = nn.unbox(init_params(cfg, jax.random.PRNGKey(int(d.seed)), dummy_stream_batch(cfg)))
         DC.write_checkpoint(enc, cfg, jax.device_get(lance), vit_cfg, vit_params, tok_dir,
@@ -154,9 +154,29 @@ def train_workdir(config) -> str:
     return os.path.join(config.demo.root, "train", cache_key(config))
 
 
+def first_stage_config(config):
+    """The config of the run that `demo.first_stage` puts before the full mix, or None: the same model and
+    optimiser on the named data groups alone for `steps` steps, exporting raw (not EMA) params for the mix to
+    start from."""
+    first = config.demo.get("first_stage", None)
+    if first is None or not int(first.steps):
+        return None
+    names = list(first.groups)
+    known = [g["name"] for g in config.data.groups]
+    if not names or set(names) - set(known):
+        raise ValueError(f"demo.first_stage.groups {names} must name data groups of the demo, one of {known}")
+    c = config.copy_and_resolve_references()
+    c.train.steps = c.optimizer.total_steps = int(first.steps)
+    c.ema_decay = 0.0  # the mix starts from these weights, not from an average lagging ~400 steps behind
+    c.data.groups = [g for g in c.data.groups if g["name"] in names]
+    c.demo.first_stage.steps = 0
+    return c
+
+
 def stage_train(config, *, retrain: bool = False, console=print) -> str:
-    """The trained demo checkpoint: the cached one, or train + export. Returns its path. retrain: start this
-    config's run over (its workdir is removed) and replace the cached checkpoint."""
+    """The trained demo checkpoint: the cached one, or train + export (after `demo.first_stage`'s run, whose
+    weights the full mix starts from). Returns its path. retrain: start this config's runs over (their workdirs
+    are removed) and replace the cached checkpoints."""
     from lance_jax.demo import checkpoint as DC
     from lance_jax.train import loop as L
 
@@ -164,6 +184,13 @@ def stage_train(config, *, retrain: bool = False, console=print) -> str:
     if cached:
         console(f"reusing the trained demo checkpoint {cached} (--retrain to train again)")
         return cached
+    first = first_stage_config(config)
+    if first is not None:
+        console(f"first stage: {', '.join(g['name'] for g in first.data.groups)} alone for {first.train.steps} steps")
+        start = stage_train(first, retrain=retrain, console=console)
+        config = config.copy_and_resolve_references()
+        config.init.ckpt = start
+        console(f"full mix from {start}")
     out = cache_dir(config)
     workdir = train_workdir(config)
     if retrain and os.path.isdir(workdir):
