@@ -122,6 +122,8 @@ def get_config(root: str = "") -> ml_collections.ConfigDict:
         # after 250 or 400) and the mix keeps them (1.00 in runs S1-P3b, session 15). steps 0: one stage
         first_stage=dict(groups=("x2t_video",), steps=400),
         eval_per_task=20,
+        # infer.py calls run two at a time: each is mostly one thread (start-up, compiles, a tiny model)
+        infer_jobs=2,
         eval_split="heldout",  # 'train': the same figures on training (shape, colour) pairs, for comparison
         # sampler settings for the generation tasks (infer.py flags)
         steps=20, shift=4.0, cfg_scale=2.0, cfg_interval=[0.0, 1.0],

@@ -3,6 +3,7 @@ end-to-end run (a few training steps; every task runs through infer.py and write
 live in `python -m lance_jax.demo.run`, not here: a few CPU steps cannot learn the scenes."""
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -376,6 +377,25 @@ def test_vit_pretraining_motion_phase_reads_clips_for_motion_alone():
         VP.pretrain(cfg, params, size=32, steps=2, motion_steps=1, kinds=((112, False),), console=lambda *a: None)
 
 
+def test_the_towers_tokens_are_scaled_to_the_set_spread_and_nothing_else_changes():
+    """with_token_spread scales the merger's last projection only (weights and bias), so the output tokens are
+    the same up to one factor and their mean per-channel std is the one asked for."""
+    from lance_jax.demo import checkpoint as DC
+    from lance_jax.demo import vit_pretrain as VP
+
+    cfg = DC.demo_vit_config(32, hidden_size=32, intermediate_size=64)
+    params = DC.random_vit_params(cfg, 0)
+    before = VP.token_spread(cfg, params, size=32, batch_size=2)
+    scaled, factor = VP.with_token_spread(cfg, params, 0.37, size=32)
+    after = VP.token_spread(cfg, scaled, size=32, batch_size=2)
+    np.testing.assert_allclose(after, before * factor, rtol=1e-4)  # the same scenes: one factor throughout
+    np.testing.assert_allclose(VP.token_spread(cfg, scaled, size=32), 0.37, rtol=1e-4)
+    flat, flat_scaled = dict(jax.tree_util.tree_leaves_with_path(params)), dict(jax.tree_util.tree_leaves_with_path(scaled))
+    for path, leaf in flat.items():
+        want = leaf * factor if "mlp_2" in jax.tree_util.keystr(path) else leaf
+        np.testing.assert_allclose(flat_scaled[path], want, rtol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
 def test_encoder_settings_cover_the_merger_width_and_the_codec(tmp_path):
     """Encoders written for another model width (the ViT merger projects to it) or codec are not reused."""
     from lance_jax.demo import run as DR
@@ -456,3 +476,39 @@ def test_the_first_stage_trains_its_groups_alone_and_the_mix_starts_from_it(tmp_
     assert len(keys) == 3  # another first stage: another trained model
     with pytest.raises(ValueError, match="first_stage.groups"):
         DR.first_stage_config(load("--config.demo.first_stage.groups=('x2t_vidoe',)"))
+
+
+def test_infer_commands_run_side_by_side_and_a_failed_call_names_its_task(tmp_path):
+    """Every task's command runs (two at a time here); exit 1 (some records failed, still scored) passes, any
+    other exit raises with the task's name and its stderr."""
+    from lance_jax.demo import run as DR
+
+    def cmd(name, code):
+        return [sys.executable, "-c", f"import pathlib, sys; pathlib.Path({str(tmp_path / name)!r}).touch(); "
+                                      f"print('bad {name}', file=sys.stderr); sys.exit({code})"]
+
+    DR.run_infer_commands({"a": cmd("a", 0), "b": cmd("b", 1), "c": cmd("c", 0)}, 2, console=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
+    with pytest.raises(RuntimeError, match="infer.py --task d failed:\nbad d"):
+        DR.run_infer_commands({"a": cmd("a", 0), "d": cmd("d", 2)}, 2, console=lambda *_: None)
+
+
+def test_shards_are_written_beside_the_encoders_and_a_failed_write_is_an_error(tmp_path, monkeypatch):
+    """The data stage writes the shards in a second process while it builds the encoders; it waits for them,
+    and a failed write raises (naming the folder) instead of training on missing rows."""
+    from lance_jax.demo import run as DR
+
+    built = []
+    monkeypatch.setattr(DR, "_write_encoders", lambda config, enc, console: built.append(enc))
+    c = DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"), [])
+    c.demo.rows = dict(t2i=3, t2v=2, image_edit=2, video_edit=1, x2t_image=2, x2t_video=2)
+    DR.stage_data(c, console=lambda *_: None)
+    shards = tmp_path / "root" / "shards"
+    summary = json.loads((shards / "summary.json").read_text())
+    assert {t: v["rows"] for t, v in summary["tasks"].items()} == c.demo.rows.to_dict() and built
+    assert DR._shards_ready(str(shards), c)
+    c.demo.rows.t2i = 4
+    c.demo.rows.no_such_task = 1
+    with pytest.raises(RuntimeError, match=f"writing the demo shards to {shards} failed"):
+        DR.stage_data(c, console=lambda *_: None)
+    assert not (shards / "summary.json").exists()  # the next run writes them again

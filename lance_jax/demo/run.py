@@ -93,15 +93,63 @@ def _same_encoders(enc: str, config) -> bool:
 
 def stage_data(config, console=print) -> None:
     """Tokenizer + encoder checkpoint + training shards under config.demo.root (skipped when present)."""
-    from lance_jax.config import model_config_from_dict
+    enc = config.data.encoder_ckpt
+    shards = os.path.join(config.demo.root, "shards")
+    # the shards do not depend on the encoders: written by a second process while this one pretrains the ViT
+    writer = None if _shards_ready(shards, config) else _start_shard_writer(shards, config)
+    try:
+        _write_encoders(config, enc, console)
+    except BaseException:
+        if writer is not None:
+            writer.terminate()
+        raise
+    if writer is not None:
+        writer.join()
+        if writer.exitcode != 0:
+            raise RuntimeError(f"writing the demo shards to {shards} failed (exit {writer.exitcode}); see above")
+        console(f"wrote {shards}")
+
+
+def _shards_ready(shards: str, config) -> bool:
+    """True when `shards` holds a finished write of this config's rows, seed and data version."""
     from lance_jax.data import synthetic as SY
+
+    path = os.path.join(shards, "summary.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        have = json.load(f)
+    return ({t: v["rows"] for t, v in have["tasks"].items()} == dict(config.demo.rows.to_dict())
+            and have["seed"] == int(config.demo.seed) and have.get("version") == SY.DATA_VERSION)
+
+
+def _start_shard_writer(shards: str, config):
+    """A started process writing the demo's training shards (its summary.json last, so an interrupted write is
+    redone on the next run). Spawned, not forked: this process may already hold JAX's threads."""
+    import multiprocessing
+
+    from lance_jax.data import synthetic as SY
+
+    if os.path.isfile(os.path.join(shards, "summary.json")):
+        os.remove(os.path.join(shards, "summary.json"))
+    d = config.demo
+    proc = multiprocessing.get_context("spawn").Process(
+        target=SY.write_demo_shards, args=(shards, dict(d.rows.to_dict()), int(d.seed), "train", int(d.size)),
+        kwargs=dict(progress=False), name="demo-shards")
+    proc.start()
+    return proc
+
+
+def _write_encoders(config, enc: str, console) -> None:
+    """The tokenizer and the encoder checkpoint (pretrained ViT + untrained Lance) under ROOT, unless written
+    with this config's settings already."""
+    from lance_jax.config import model_config_from_dict
     from lance_jax.demo import checkpoint as DC
     from lance_jax.demo import tokenizer as DT
     from lance_jax.models.lance import init_params
     from lance_jax.packing import dummy_stream_batch
 
     root, d = config.demo.root, config.demo
-    enc = config.data.encoder_ckpt
     if os.path.isdir(enc) and not _same_encoders(enc, config):
         # Safe beside other configs' runs: each run resumes only under its own config (ROOT/train/<key>), whose
         # key covers every encoder setting, and the encoders are a deterministic function of those settings.
@@ -125,6 +173,12 @@ def stage_data(config, console=print) -> None:
             vit_params, report = pretrain(vit_cfg, vit_params, size=int(d.size), steps=int(pt.steps),
                                           seed=int(d.seed), batch_size=int(pt.batch_size), lr=float(pt.lr),
                                           motion_steps=int(pt.get("motion_steps", 0)), console=console)
+            if pt.get("token_spread"):
+                from lance_jax.demo.vit_pretrain import with_token_spread
+
+                vit_params, report["token_scale"] = with_token_spread(vit_cfg, vit_params, float(pt.token_spread),
+                                                                      size=int(d.size), seed=int(d.seed))
+                console(f"ViT output tokens scaled x{report['token_scale']:.3f} to a spread of {pt.token_spread}")
             note = f"ViT pretrained: {json.dumps(report)}"
         lance = nn.unbox(init_params(cfg, jax.random.PRNGKey(int(d.seed)), dummy_stream_batch(cfg)))
         DC.write_checkpoint(enc, cfg, jax.device_get(lance), vit_cfg, vit_params, tok_dir,
@@ -132,17 +186,6 @@ def stage_data(config, console=print) -> None:
         with open(os.path.join(enc, ENCODER_SETTINGS), "w") as f:
             json.dump(encoder_settings(config), f)
         console(f"wrote {enc}")
-    shards = os.path.join(root, "shards")
-    summary_path = os.path.join(shards, "summary.json")
-    want = dict(d.rows.to_dict())
-    if os.path.isfile(summary_path):
-        with open(summary_path) as f:
-            have = json.load(f)
-        if ({t: v["rows"] for t, v in have["tasks"].items()} == want and have["seed"] == int(d.seed)
-                and have.get("version") == SY.DATA_VERSION):
-            return
-    SY.write_demo_shards(shards, want, int(d.seed), "train", int(d.size))
-    console(f"wrote {shards}")
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -267,6 +310,24 @@ def infer_flags(config, task: str) -> list[str]:
             "--quiet"] + (["--x2t-training-positions"] if d.x2t_training_positions else [])
 
 
+def run_infer_commands(commands: dict[str, list[str]], jobs: int, console=print) -> None:
+    """Run the infer.py command of every task, `jobs` at a time. Each call is mostly single-threaded (its own
+    start-up, compiles and a tiny model's sampling), so two at a time use both cores of a 2-core machine.
+    Raises on a failed call (exit 1 = some records failed, which are scored)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(task):
+        t0 = time.time()
+        proc = subprocess.run(commands[task], capture_output=True, text=True)
+        console(f"infer.py --task {task}: done in {time.time() - t0:.0f} s (exit {proc.returncode})")
+        return task, proc
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        for task, proc in pool.map(one, commands):
+            if proc.returncode not in (0, 1):
+                raise RuntimeError(f"infer.py --task {task} failed:\n{proc.stderr[-4000:]}")
+
+
 def stage_infer(config, ckpt: str, console=print, tasks: list[str] | None = None) -> str:
     """Run every task (or `tasks`) on the held-out cases through infer.py; returns the evaluation manifest path."""
     from lance_jax.data import synthetic as SY
@@ -282,24 +343,22 @@ def stage_infer(config, ckpt: str, console=print, tasks: list[str] | None = None
         if tasks and case["task"] not in tasks:
             continue
         by_task.setdefault(case["task"], []).append(case)
-    manifest = dict(ckpt=ckpt, cases=[])
+    commands = {}
     for task, group in by_task.items():
-        out = os.path.join(ev, task)
         jsonl = os.path.join(ev, f"{task}.jsonl")
         with open(jsonl, "w") as f:
             for i, case in enumerate(group):
                 as_edit = dict(case, task="image_edit") if task == "multi_edit" else case  # same source image
                 case["inputs"] = SY.write_case_inputs(as_edit, os.path.join(ev, "inputs"))
                 f.write(json.dumps(_record(case, case["inputs"], i)) + "\n")
-        cmd = [sys.executable, os.path.join(REPO, "infer.py"), "--ckpt", ckpt, "--task", task, "--input", jsonl,
-               "--out", out, *infer_flags(config, task)]
-        t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        console(f"infer.py --task {task}: {len(group)} samples in {time.time() - t0:.0f} s (exit {proc.returncode})")
-        if proc.returncode not in (0, 1):
-            raise RuntimeError(f"infer.py --task {task} failed:\n{proc.stderr[-4000:]}")
-        with open(os.path.join(out, "run.json")) as f:
+        commands[task] = [sys.executable, os.path.join(REPO, "infer.py"), "--ckpt", ckpt, "--task", task,
+                          "--input", jsonl, "--out", os.path.join(ev, task), *infer_flags(config, task)]
+    run_infer_commands(commands, int(d.get("infer_jobs", 1)), console)
+    manifest = dict(ckpt=ckpt, cases=[])
+    for task, group in by_task.items():
+        with open(os.path.join(ev, task, "run.json")) as f:
             records = {r["index"]: r for r in json.load(f)["records"]}
+        out = os.path.join(ev, task)
         for i, case in enumerate(group):
             rec = records.get(i, {})
             outputs = dict(error=rec["error"]) if rec.get("error") else (

@@ -157,3 +157,24 @@ def pretrain(cfg: VitConfig, params: dict, *, size: int, steps: int, seed: int =
                                          if None not in v["r2"][sl])
                       for k, v in report["kinds"].items()))
     return jax.tree.map(np.asarray, state["vit"]), report
+
+
+def token_spread(cfg: VitConfig, params: dict, *, size: int, seed: int = 0, batch_size: int = 8,
+                 kinds: tuple[tuple[int, bool], ...] = ((112, True), (112, False), (224, False))) -> float:
+    """Mean over channels of the standard deviation of the tower's output tokens (fresh scenes of `kinds`)."""
+    model, rng = VisionTransformer(cfg), np.random.default_rng(seed + 7)
+    tokens = []
+    for kind in kinds:
+        patches, grid, _ = batch(rng, batch_size, *kind, size=size)
+        tokens.append(np.asarray(model.apply({"params": params}, patches, vit_plan(grid, cfg))))
+    return float(np.concatenate(tokens).std(0).mean())
+
+
+def with_token_spread(cfg: VitConfig, params: dict, spread: float, *, size: int, seed: int = 0) -> tuple[dict, float]:
+    """(params whose output tokens have a mean per-channel std of `spread`, the factor applied): the merger's last
+    projection scaled. The read-out only fixes the tokens' directions; their scale is free, and it decides how much
+    of an image token's state in the backbone's residual stream is the picture rather than what the layers add."""
+    factor = spread / token_spread(cfg, params, size=size, seed=seed)
+    out = jax.tree.map(np.asarray, params)
+    out["merger"]["mlp_2"] = {k: v * np.float32(factor) for k, v in out["merger"]["mlp_2"].items()}
+    return out, float(factor)
