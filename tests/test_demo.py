@@ -328,8 +328,8 @@ def test_vit_pretraining_targets_are_each_tokens_colours_object_share_and_motion
 
 
 def test_vit_pretraining_clips_report_the_velocity_their_object_moves_with():
-    """The motion target's sign and axis come from the clip itself: velocity (dy, dx), in pixels per frame, points the way the object's
-    centroid moves between the first and last frame; stills have none."""
+    """The motion target's sign and axis come from the clip itself: velocity (dy, dx), in pixels per frame,
+    points the way the object's centroid moves between the first and last frame; stills have none."""
     from lance_jax.demo import vit_pretrain as VP
 
     rng = np.random.default_rng(3)
@@ -390,7 +390,8 @@ def test_the_towers_tokens_are_scaled_to_the_set_spread_and_nothing_else_changes
     after = VP.token_spread(cfg, scaled, size=32, batch_size=2)
     np.testing.assert_allclose(after, before * factor, rtol=1e-4)  # the same scenes: one factor throughout
     np.testing.assert_allclose(VP.token_spread(cfg, scaled, size=32), 0.37, rtol=1e-4)
-    flat, flat_scaled = dict(jax.tree_util.tree_leaves_with_path(params)), dict(jax.tree_util.tree_leaves_with_path(scaled))
+    flat = dict(jax.tree_util.tree_leaves_with_path(params))
+    flat_scaled = dict(jax.tree_util.tree_leaves_with_path(scaled))
     for path, leaf in flat.items():
         want = leaf * factor if "mlp_2" in jax.tree_util.keystr(path) else leaf
         np.testing.assert_allclose(flat_scaled[path], want, rtol=1e-6, err_msg=jax.tree_util.keystr(path))
@@ -411,24 +412,33 @@ def test_encoder_settings_cover_the_merger_width_and_the_codec(tmp_path):
         assert not DR._same_encoders(str(enc), DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path), [flag])), flag
 
 
-def test_a_training_run_resumes_only_under_its_own_config(tmp_path, monkeypatch):
-    """ROOT/train/<key>: a changed config trains in its own workdir instead of resuming (and caching as its
-    own) another config's finished run; --retrain starts the config's run over."""
+@pytest.fixture
+def fake_training(tmp_path, monkeypatch):
+    """stage_train without training: each L.run call is recorded as (config, workdir, the workdir's entries when
+    the run started or None) and leaves a checkpoints folder; export_trained writes an empty checkpoint folder.
+    The demo cache is under tmp_path."""
     from lance_jax.demo import checkpoint as DC
-    from lance_jax.demo import run as DR
     from lance_jax.train import loop as L
 
     monkeypatch.setenv("LANCE_DEMO_CACHE", str(tmp_path / "cache"))
     runs = []
 
     def fake_run(config, workdir, console=print):
-        runs.append((workdir, sorted(os.listdir(workdir)) if os.path.isdir(workdir) else None))
+        runs.append((config, workdir, sorted(os.listdir(workdir)) if os.path.isdir(workdir) else None))
         os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
         return {}
 
     monkeypatch.setattr(L, "run", fake_run)
     monkeypatch.setattr(DC, "export_trained", lambda config, workdir, enc, out: (os.makedirs(out, exist_ok=True),
                                                                                  dict(reference=dict(note="")))[1])
+    return runs
+
+
+def test_a_training_run_resumes_only_under_its_own_config(tmp_path, fake_training):
+    """ROOT/train/<key>: a changed config trains in its own workdir instead of resuming (and caching as its
+    own) another config's finished run; --retrain starts the config's run over."""
+    from lance_jax.demo import run as DR
+
     load = lambda *flags: DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"),  # noqa: E731
                                          ["--config.demo.first_stage.steps=0", *flags])
     base, other_lr, more_logs = load(), load("--config.optimizer.lr=1e-3"), load("--config.train.log_every=7")
@@ -438,34 +448,23 @@ def test_a_training_run_resumes_only_under_its_own_config(tmp_path, monkeypatch)
     quiet = dict(console=lambda *a: None)
     DR.stage_train(base, **quiet)
     DR.stage_train(other_lr, **quiet)
-    assert [w for w, _ in runs] == [DR.train_workdir(base), DR.train_workdir(other_lr)]
-    assert runs[1][1] is None  # the lr change found no run to resume
     DR.stage_train(base, retrain=True, **quiet)
+    runs = [(workdir, found) for _, workdir, found in fake_training]
+    assert len(runs) == 3 and [w for w, _ in runs[:2]] == [DR.train_workdir(base), DR.train_workdir(other_lr)]
+    assert runs[1][1] is None  # the lr change found no run to resume
     assert runs[2] == (DR.train_workdir(base), None)  # started over, not resumed
 
 
-def test_the_first_stage_trains_its_groups_alone_and_the_mix_starts_from_it(tmp_path, monkeypatch):
+def test_the_first_stage_trains_its_groups_alone_and_the_mix_starts_from_it(tmp_path, fake_training):
     """demo.first_stage: a run on the named groups alone (its own steps and LR decay, raw params exported), then
     the full mix with init.ckpt = that run's checkpoint; the stage's settings key the cache; unknown groups are
     refused by name."""
-    from lance_jax.demo import checkpoint as DC
     from lance_jax.demo import run as DR
-    from lance_jax.train import loop as L
 
-    monkeypatch.setenv("LANCE_DEMO_CACHE", str(tmp_path / "cache"))
-    runs = []
-
-    def fake_run(config, workdir, console=print):
-        runs.append(config)
-        return {}
-
-    monkeypatch.setattr(L, "run", fake_run)
-    monkeypatch.setattr(DC, "export_trained", lambda config, workdir, enc, out: (os.makedirs(out, exist_ok=True),
-                                                                                 dict(reference=dict(note="")))[1])
     load = lambda *flags: DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"), list(flags))  # noqa: E731
     c = load("--config.demo.first_stage.steps=30", "--config.train.steps=50")
     DR.stage_train(c, console=lambda *a: None)
-    first, mix = runs
+    first, mix = [config for config, _, _ in fake_training]
     assert [g["name"] for g in first.data.groups] == list(c.demo.first_stage.groups)
     assert first.train.steps == first.optimizer.total_steps == 30 and first.ema_decay == 0.0
     assert mix.train.steps == mix.optimizer.total_steps == 50 and mix.ema_decay == c.ema_decay
