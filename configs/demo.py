@@ -3,9 +3,9 @@
   python -m lance_jax.demo.run                      # data -> train (or cached) -> all tasks -> scores, HTML
   python train.py --config configs/demo.py:ROOT --workdir ROOT/train   # the full mix alone, from random init
 
-The demo command trains in two stages: `demo.first_stage` (the video questions alone), then the full mix from its
-weights (`init.ckpt`); train.py runs one stage, so pass `--config.init.ckpt=` a first stage's checkpoint to
-reproduce the second.
+The demo command trains in stages: `demo.curriculum` (single data groups alone, e.g. the video questions), then
+the full mix from the last one's weights (`init.ckpt`); train.py runs one stage, so pass `--config.init.ckpt=` the
+last curriculum stage's checkpoint to reproduce the mix.
 
 ROOT (the argument after ':') holds the demo's tokenizer, encoder checkpoint and shards
 (`python -m lance_jax.demo.run --stage data` writes them). The model reads 32 px scenes through the
@@ -68,7 +68,7 @@ def groups(root: str) -> list:
     # t2i is learned on every seed from a small share (0.95-1.00 at 2.5 and at 1.5, runs Q-S). t2v takes a third
     # of the records: trained beside t2i alone it reads the direction word (0.75-0.80), and the edits and image
     # questions take that back at their old shares (3.0 each; session 12), so they are halved -- the wider model
-    # keeps their bars (runs M0-M2). x2t_video is learned by `demo.first_stage` and only kept here (a weight or
+    # keeps their bars (runs M0-M2). x2t_video is learned by `demo.curriculum` and only kept here (a weight or
     # loss weight does not make the mix learn it, session 15), so it gets 1.0
     spec = [("t2i", ["t2i"], None, 1.5), ("t2v", ["t2v", "ff2v"], [0.7, 0.3], 3.0),
             ("image_edit", ["i2i"], None, 1.5), ("video_edit", ["v2v"], None, 0.6),
@@ -120,11 +120,12 @@ def get_config(root: str = "") -> ml_collections.ConfigDict:
         # Scaled to 0.37, session 15's config met every bar once (run SC: t2v 0.45 -> 0.85, i2v 0.30 -> 0.70), but
         # over six scaled runs (0.37 / 0.6 / 1.0, seeds 0-1) t2v is 0.25-0.85: not a reliable fix (session 16)
         vit_pretrain=dict(steps=700, motion_steps=300, batch_size=8, lr=3e-4, token_spread=0.37),
-        # a first stage on the video questions alone, whose weights the full mix (`train.steps`) starts from, as the
-        # reference trains in stages. Mixed from the start, direction answers stay at the prior on the motion tower
-        # (0.05-0.40 at any loss weight, runs F0-H2); alone they are learned in a few hundred steps (1.00 held-out
-        # after 250 or 400) and the mix keeps them (1.00 in every run since, sessions 15-16). steps 0: one stage
-        first_stage=dict(groups=("x2t_video",), steps=250),
+        # curriculum: runs on single data groups before the full mix, each from the one before, as the reference
+        # trains in stages; the mix (`train.steps`) starts from the last. The video questions first: mixed from the
+        # start, direction answers stay at the prior on the motion tower (0.05-0.40 at any loss weight, runs F0-H2);
+        # alone they are learned in a few hundred steps (1.00 held-out after 250 or 400) and the mix keeps them
+        # (1.00 in every run since, sessions 15-16). No stages (groups=(), steps=()) or 0 steps: the mix alone
+        curriculum=dict(groups=(("x2t_video",),), steps=(250,)),
         eval_per_task=20,
         # infer.py calls run two at a time: each is mostly one thread (start-up, compiles, a tiny model)
         infer_jobs=2,

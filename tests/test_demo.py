@@ -157,7 +157,7 @@ def test_shortened_demo_runs_every_task(tmp_path, monkeypatch):
     argv = ["--root", str(tmp_path / "root"), *rows, "--config.train.steps=3", "--config.train.log_every=1",
             "--config.train.save_every=3", "--config.model.num_layers=1", "--config.demo.eval_per_task=2",
             "--config.demo.steps=2", "--config.optimizer.warmup_steps=1", "--config.demo.vit_pretrain.steps=3",
-            "--config.demo.vit_pretrain.motion_steps=1", "--config.demo.first_stage.steps=2"]
+            "--config.demo.vit_pretrain.motion_steps=1", "--config.demo.curriculum.steps=(2,)"]
     assert DR.main(argv) == 0
     settings = json.loads((tmp_path / "root" / "encoders" / DR.ENCODER_SETTINGS).read_text())
     assert settings["vit_pretrain"]["steps"] == 3
@@ -415,7 +415,8 @@ def test_encoder_settings_cover_the_merger_width_and_the_codec(tmp_path):
 @pytest.fixture
 def fake_training(tmp_path, monkeypatch):
     """stage_train without training: each L.run call is recorded as (config, workdir, the workdir's entries when
-    the run started or None) and leaves a checkpoints folder; export_trained writes an empty checkpoint folder.
+    the run started or None) and leaves a checkpoints folder; export_trained writes a checkpoint folder holding
+    only its lance_checkpoint.json (so the cache finds it).
     The demo cache is under tmp_path."""
     from lance_jax.demo import checkpoint as DC
     from lance_jax.train import loop as L
@@ -428,9 +429,14 @@ def fake_training(tmp_path, monkeypatch):
         os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
         return {}
 
+    def fake_export(config, workdir, enc, out):
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "lance_checkpoint.json"), "w") as f:
+            f.write("{}")
+        return dict(reference=dict(note=""))
+
     monkeypatch.setattr(L, "run", fake_run)
-    monkeypatch.setattr(DC, "export_trained", lambda config, workdir, enc, out: (os.makedirs(out, exist_ok=True),
-                                                                                 dict(reference=dict(note="")))[1])
+    monkeypatch.setattr(DC, "export_trained", fake_export)
     return runs
 
 
@@ -440,7 +446,7 @@ def test_a_training_run_resumes_only_under_its_own_config(tmp_path, fake_trainin
     from lance_jax.demo import run as DR
 
     load = lambda *flags: DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"),  # noqa: E731
-                                         ["--config.demo.first_stage.steps=0", *flags])
+                                         ["--config.demo.curriculum.steps=(0,)", *flags])
     base, other_lr, more_logs = load(), load("--config.optimizer.lr=1e-3"), load("--config.train.log_every=7")
     assert DR.train_workdir(base) == DR.train_workdir(more_logs)  # logging does not change the weights
     assert DR.train_workdir(base) != DR.train_workdir(other_lr)
@@ -455,26 +461,43 @@ def test_a_training_run_resumes_only_under_its_own_config(tmp_path, fake_trainin
     assert runs[2] == (DR.train_workdir(base), None)  # started over, not resumed
 
 
-def test_the_first_stage_trains_its_groups_alone_and_the_mix_starts_from_it(tmp_path, fake_training):
-    """demo.first_stage: a run on the named groups alone (its own steps and LR decay, raw params exported), then
-    the full mix with init.ckpt = that run's checkpoint; the stage's settings key the cache; unknown groups are
-    refused by name."""
+def test_the_curriculum_trains_its_groups_alone_in_order_and_the_mix_starts_from_the_last(tmp_path, fake_training):
+    """demo.curriculum: one run per stage on its groups alone (its own steps and LR decay, raw params exported),
+    each from the one before, then the full mix with init.ckpt = the last stage's checkpoint; a stage in the cache
+    is reused; each stage's settings (and those before it) key the cache; bad stages are refused by name."""
     from lance_jax.demo import run as DR
 
     load = lambda *flags: DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"), list(flags))  # noqa: E731
-    c = load("--config.demo.first_stage.steps=30", "--config.train.steps=50")
+    two = "--config.demo.curriculum.groups=(('x2t_video',), ('t2v', 't2i'))"
+    c = load(two, "--config.demo.curriculum.steps=(30, 20)", "--config.train.steps=50")
     DR.stage_train(c, console=lambda *a: None)
-    first, mix = [config for config, _, _ in fake_training]
-    assert [g["name"] for g in first.data.groups] == list(c.demo.first_stage.groups)
+    first, second, mix = [config for config, _, _ in fake_training]
+    assert [g["name"] for g in first.data.groups] == ["x2t_video"]
+    assert [g["name"] for g in second.data.groups] == ["t2i", "t2v"]  # in the mix's order
     assert first.train.steps == first.optimizer.total_steps == 30 and first.ema_decay == 0.0
+    assert second.train.steps == second.optimizer.total_steps == 20 and second.ema_decay == 0.0
     assert mix.train.steps == mix.optimizer.total_steps == 50 and mix.ema_decay == c.ema_decay
     assert len(mix.data.groups) == len(c.data.groups)
-    assert mix.init.ckpt == DR.cache_dir(first) and DR.cache_dir(mix) == DR.cache_dir(c)
-    assert DR.first_stage_config(load("--config.demo.first_stage.steps=0")) is None
-    keys = {DR.cache_key(load(f"--config.demo.first_stage.steps={n}")) for n in (0, 30, 40)}
-    assert len(keys) == 3  # another first stage: another trained model
-    with pytest.raises(ValueError, match="first_stage.groups"):
-        DR.first_stage_config(load("--config.demo.first_stage.groups=('x2t_vidoe',)"))
+    assert second.init.ckpt == DR.cache_dir(first) and mix.init.ckpt == DR.cache_dir(second)
+    assert DR.cache_dir(mix) == DR.cache_dir(c)
+
+    # another second stage: the first is reused from the cache, the second and the mix train again
+    del fake_training[:]
+    DR.stage_train(load(two, "--config.demo.curriculum.steps=(30, 40)", "--config.train.steps=50"),
+                   console=lambda *a: None)
+    assert [len(r.data.groups) for r, _, _ in fake_training] == [2, len(c.data.groups)]
+    assert fake_training[0][0].init.ckpt == DR.cache_dir(first)
+
+    assert DR.curriculum_configs(load("--config.demo.curriculum.steps=(0,)")) == []
+    keys = {DR.cache_key(load(f"--config.demo.curriculum.steps=({n},)")) for n in (0, 30, 40)}
+    assert len(keys) == 3  # another curriculum: another trained model
+    stage_keys = [DR.cache_key(x) for x in DR.curriculum_configs(c)]
+    assert stage_keys[0] == DR.cache_key(DR.curriculum_configs(load("--config.demo.curriculum.steps=(30,)"))[0])
+    assert len(set(stage_keys) | {DR.cache_key(c)}) == 3
+    with pytest.raises(ValueError, match=r"curriculum.groups\[0\] \['x2t_vidoe'\]"):
+        DR.curriculum_configs(load("--config.demo.curriculum.groups=(('x2t_vidoe',),)"))
+    with pytest.raises(ValueError, match="one step count per stage"):
+        DR.curriculum_configs(load(two))
 
 
 def test_infer_commands_run_side_by_side_and_a_failed_call_names_its_task(tmp_path):

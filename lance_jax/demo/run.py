@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+import ml_collections
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "demo.py")
 STAGES = ("data", "train", "infer", "evaluate")
@@ -45,7 +47,7 @@ def cache_key(config) -> str:
     keep = copy.deepcopy({k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
                           for k in ("model", "optimizer", "freeze", "ema_decay", "train", "data")})
     keep["demo"] = {k: v for k, v in config.demo.to_dict().items()
-                    if k in ("size", "vit_side", "seed", "rows", "vit_pretrain", "first_stage")}
+                    if k in ("size", "vit_side", "seed", "rows", "vit_pretrain", "curriculum")}
     from lance_jax.data.synthetic import DATA_VERSION
 
     keep["demo"]["data_version"] = DATA_VERSION
@@ -197,43 +199,41 @@ def train_workdir(config) -> str:
     return os.path.join(config.demo.root, "train", cache_key(config))
 
 
-def first_stage_config(config):
-    """The config of the run that `demo.first_stage` puts before the full mix, or None: the same model and
-    optimiser on the named data groups alone for `steps` steps, exporting raw (not EMA) params for the mix to
-    start from."""
-    first = config.demo.get("first_stage", None)
-    if first is None or not int(first.steps):
-        return None
-    names = list(first.groups)
+def curriculum_configs(config) -> list:
+    """The runs that `demo.curriculum` puts before the full mix, in order: the same model and optimiser on the
+    named data groups alone for that stage's steps (its own LR decay; raw, not EMA, params exported for the next
+    run to start from). Stages with 0 steps are left out; none: []."""
+    cur = config.demo.get("curriculum", None)
+    if cur is None:
+        return []
+    groups, steps = [tuple(g) for g in cur.groups], [int(n) for n in cur.steps]
+    if len(groups) != len(steps):
+        raise ValueError(f"demo.curriculum.groups has {len(groups)} stages and demo.curriculum.steps {len(steps)}:"
+                         f" give one step count per stage")
     known = [g["name"] for g in config.data.groups]
-    if not names or set(names) - set(known):
-        raise ValueError(f"demo.first_stage.groups {names} must name data groups of the demo, one of {known}")
-    c = config.copy_and_resolve_references()
-    c.train.steps = c.optimizer.total_steps = int(first.steps)
-    c.ema_decay = 0.0  # the mix starts from these weights, not from an average lagging ~400 steps behind
-    c.data.groups = [g for g in c.data.groups if g["name"] in names]
-    c.demo.first_stage.steps = 0
-    return c
+    out = []
+    for i, (names, n) in enumerate(zip(groups, steps)):
+        if not names or set(names) - set(known):
+            raise ValueError(f"demo.curriculum.groups[{i}] {list(names)} must name data groups of the demo, "
+                             f"one of {known}")
+        if not n:
+            continue
+        c = config.copy_and_resolve_references()
+        c.train.steps = c.optimizer.total_steps = n
+        c.ema_decay = 0.0  # the next run starts from these weights, not from an average lagging ~400 steps behind
+        c.data.groups = [g for g in c.data.groups if g["name"] in names]
+        # the cache key of this stage: its own groups and steps and the stages it starts from
+        c.demo.curriculum = ml_collections.ConfigDict(dict(groups=tuple(groups[:i + 1]), steps=tuple(steps[:i + 1]),
+                                                          stage=len(out)))
+        out.append(c)
+    return out
 
 
-def stage_train(config, *, retrain: bool = False, console=print) -> str:
-    """The trained demo checkpoint: the cached one, or train + export (after `demo.first_stage`'s run, whose
-    weights the full mix starts from). Returns its path. retrain: start this config's runs over (their workdirs
-    are removed) and replace the cached checkpoints."""
+def trained_checkpoint(config, *, retrain: bool, console=print) -> str:
+    """One training run of `config` (from `config.init.ckpt`, if set), exported to its cache folder."""
     from lance_jax.demo import checkpoint as DC
     from lance_jax.train import loop as L
 
-    cached = None if retrain else cached_checkpoint(config)
-    if cached:
-        console(f"reusing the trained demo checkpoint {cached} (--retrain to train again)")
-        return cached
-    first = first_stage_config(config)
-    if first is not None:
-        console(f"first stage: {', '.join(g['name'] for g in first.data.groups)} alone for {first.train.steps} steps")
-        start = stage_train(first, retrain=retrain, console=console)
-        config = config.copy_and_resolve_references()
-        config.init.ckpt = start
-        console(f"full mix from {start}")
     out = cache_dir(config)
     workdir = train_workdir(config)
     if retrain and os.path.isdir(workdir):
@@ -247,6 +247,30 @@ def stage_train(config, *, retrain: bool = False, console=print) -> str:
                   f, indent=1, default=float)
     console(f"trained in {time.time() - t0:.0f} s -> {out}")
     return out
+
+
+def stage_train(config, *, retrain: bool = False, console=print) -> str:
+    """The trained demo checkpoint: the cached one, or train + export -- `demo.curriculum`'s runs, each from the
+    one before, then the full mix from the last. Returns its path. retrain: start this config's runs over (their
+    workdirs are removed) and replace the cached checkpoints; without it a curriculum stage already in the cache
+    is reused."""
+    cached = None if retrain else cached_checkpoint(config)
+    if cached:
+        console(f"reusing the trained demo checkpoint {cached} (--retrain to train again)")
+        return cached
+    start = None
+    for c in curriculum_configs(config):
+        names = ", ".join(g["name"] for g in c.data.groups)
+        console(f"curriculum stage {c.demo.curriculum.stage + 1}: {names} alone for {c.train.steps} steps"
+                + (f" from {start}" if start else ""))
+        if start:
+            c.init.ckpt = start
+        start = (None if retrain else cached_checkpoint(c)) or trained_checkpoint(c, retrain=retrain, console=console)
+    if start:
+        config = config.copy_and_resolve_references()
+        config.init.ckpt = start
+        console(f"full mix from {start}")
+    return trained_checkpoint(config, retrain=retrain, console=console)
 
 
 # ---------------------------------------------------------------------------------------------- infer
