@@ -223,8 +223,7 @@ def curriculum_configs(config) -> list:
         c.ema_decay = 0.0  # the next run starts from these weights, not from an average lagging ~400 steps behind
         c.data.groups = [g for g in c.data.groups if g["name"] in names]
         # the cache key of this stage: its own groups and steps and the stages it starts from
-        c.demo.curriculum = ml_collections.ConfigDict(dict(groups=tuple(groups[:i + 1]), steps=tuple(steps[:i + 1]),
-                                                          stage=len(out)))
+        c.demo.curriculum = ml_collections.ConfigDict(dict(groups=tuple(groups[:i + 1]), steps=tuple(steps[:i + 1])))
         out.append(c)
     return out
 
@@ -249,23 +248,28 @@ def trained_checkpoint(config, *, retrain: bool, console=print) -> str:
     return out
 
 
-def stage_train(config, *, retrain: bool = False, console=print) -> str:
-    """The trained demo checkpoint: the cached one, or train + export -- `demo.curriculum`'s runs, each from the
-    one before, then the full mix from the last. Returns its path. retrain: start this config's runs over (their
-    workdirs are removed) and replace the cached checkpoints; without it a curriculum stage already in the cache
-    is reused."""
+def reused_or_trained(config, *, retrain: bool, console=print) -> str:
+    """`config`'s checkpoint from the cache (unless retrain), else trained and exported."""
     cached = None if retrain else cached_checkpoint(config)
     if cached:
-        console(f"reusing the trained demo checkpoint {cached} (--retrain to train again)")
+        console(f"reusing the trained checkpoint {cached} (--retrain to train again)")
         return cached
+    return trained_checkpoint(config, retrain=retrain, console=console)
+
+
+def stage_train(config, *, retrain: bool = False, console=print) -> str:
+    """The trained demo checkpoint: the cached one, or train + export -- `demo.curriculum`'s runs, each from the
+    one before (a stage already in the cache is reused), then the full mix from the last. Returns its path.
+    retrain: start this config's runs over (their workdirs are removed) and replace the cached checkpoints."""
+    if not retrain and cached_checkpoint(config):
+        return reused_or_trained(config, retrain=False, console=console)
     start = None
-    for c in curriculum_configs(config):
+    for i, c in enumerate(curriculum_configs(config), 1):
         names = ", ".join(g["name"] for g in c.data.groups)
-        console(f"curriculum stage {c.demo.curriculum.stage + 1}: {names} alone for {c.train.steps} steps"
-                + (f" from {start}" if start else ""))
+        console(f"curriculum stage {i}: {names} alone for {c.train.steps} steps" + (f" from {start}" if start else ""))
         if start:
             c.init.ckpt = start
-        start = (None if retrain else cached_checkpoint(c)) or trained_checkpoint(c, retrain=retrain, console=console)
+        start = reused_or_trained(c, retrain=retrain, console=console)
     if start:
         config = config.copy_and_resolve_references()
         config.init.ckpt = start
