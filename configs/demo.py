@@ -130,6 +130,12 @@ def get_config(root: str = "") -> ml_collections.ConfigDict:
         # infer.py calls run two at a time: each is mostly one thread (start-up, compiles, a tiny model)
         infer_jobs=2,
         eval_split="heldout",  # 'train': the same figures on training (shape, colour) pairs, for comparison
+        # 'per_case': every generation case starts from its own noise (seed 42 + its index in the task);
+        # 'shared': every case from seed 42, as the reference samples a prompt file. With one noise the layout of
+        # every sample comes from the same draw, so a direction that fails from it fails in all of its cases: 20
+        # cases were ~4 independent trials, and t2v "seeds" scattered 0.20-0.85 (sessions 12-17). One model
+        # (session 17's E1): t2v 0.55 from the shared noise, 0.325 over 40 cases with their own (session 18)
+        eval_noise="per_case",
         # sampler settings for the generation tasks (infer.py flags)
         steps=20, shift=4.0, cfg_scale=2.0, cfg_interval=[0.0, 1.0],
         # per training group (edits: image_edit, multi_edit). Edits recolour at CFG 2 but redraw the background

@@ -176,6 +176,9 @@ def test_shortened_demo_runs_every_task(tmp_path, monkeypatch):
             assert outs["media"].endswith(".mp4" if case["task"] in ("t2v", "i2v", "video_edit") else ".png")
     multi = next(c for c in manifest["cases"] if c["task"] == "multi_edit")
     assert len(multi["outputs"]["all_media"]) == 2  # two turns, two images
+    # demo.eval_noise 'per_case': the cases of a task start from different noise, and infer.py used it
+    t2v_seeds = [r["samples"][0]["seed"] for r in json.loads((ev / "t2v" / "run.json").read_text())["records"]]
+    assert t2v_seeds == [c["noise_seed"] for c in manifest["cases"] if c["task"] == "t2v"] == [42, 43]
     scores = json.loads((ev / "scores.json").read_text())
     assert scores and (ev / "index.html").stat().st_size > 0 and (ev / "contact_sheet.png").stat().st_size > 0
     # the cache is reused: a second run does not train again

@@ -313,6 +313,11 @@ def test_input_file_schema(tmp_path, inputs):
     assert pipelines.request_from_record("multi_edit", {"index": 0, "data": multi}).prompt == ["one", "two"]
     with pytest.raises(InferenceError, match="needs a video"):
         pipelines.request_from_record("video_edit", {"index": 0, "data": edit})
+    assert pipelines.request_from_record("t2i", {"index": 0, "data": "a cat"}, defaults=dict(seed=42)).seed == 42
+    own = pipelines.request_from_record("t2i", {"index": 0, "data": "a cat", "seed": 7}, defaults=dict(seed=42))
+    assert own.seed == 7  # a record's own noise seed overrides --seed
+    with pytest.raises(InferenceError, match="'seed' must be an integer"):
+        pipelines.request_from_record("t2i", {"index": 0, "data": "a cat", "seed": "7"})
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")
     with pytest.raises(InferenceError, match="neither JSON nor JSONL"):

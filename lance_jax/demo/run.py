@@ -280,18 +280,31 @@ def stage_train(config, *, retrain: bool = False, console=print) -> str:
 # ---------------------------------------------------------------------------------------------- infer
 
 
-def _record(case: dict, inputs: dict, index: int) -> dict:
-    """One infer.py input record (30 §8 schema) for a case."""
+INFER_SEED = 42  # infer.py's --seed default (the reference's validation noise seed)
+
+
+def noise_seed(config, index: int) -> int:
+    """Initial-noise seed of a task's index-th case: its own (42 + index) under demo.eval_noise 'per_case',
+    infer.py's one seed for every case under 'shared' (how the reference samples a prompt file)."""
+    mode = config.demo.get("eval_noise", "per_case")
+    if mode not in ("per_case", "shared"):
+        raise ValueError(f"demo.eval_noise must be 'per_case' or 'shared', got {mode!r}")
+    return INFER_SEED + index if mode == "per_case" else INFER_SEED
+
+
+def _record(case: dict, inputs: dict, index: int, seed: int) -> dict:
+    """One infer.py input record (30 §8 schema, plus its own noise seed) for a case."""
     task = case["task"]
     if task in ("t2i", "t2v"):
-        return dict(index=index, data=case["prompt"])
+        return dict(index=index, seed=seed, data=case["prompt"])
     kind, path = next(iter(inputs.items()))
     if task in ("x2t_image", "x2t_video"):
         text = [case["system_prompt"], case["prompt"], case["expected"]]
-        return dict(index=index, data=dict(interleave_array=[path, text], element_dtype_array=[kind, "text"]))
+        return dict(index=index, seed=seed,
+                    data=dict(interleave_array=[path, text], element_dtype_array=[kind, "text"]))
     prompts = case["prompt"] if isinstance(case["prompt"], list) else [case["prompt"]]
-    return dict(index=index, data=dict(interleave_array=[path, *prompts],
-                                       element_dtype_array=[kind] + ["text"] * len(prompts)))
+    return dict(index=index, seed=seed, data=dict(interleave_array=[path, *prompts],
+                                                  element_dtype_array=[kind] + ["text"] * len(prompts)))
 
 
 def multi_edit_case(cases: list[dict]) -> dict | None:
@@ -378,7 +391,8 @@ def stage_infer(config, ckpt: str, console=print, tasks: list[str] | None = None
             for i, case in enumerate(group):
                 as_edit = dict(case, task="image_edit") if task == "multi_edit" else case  # same source image
                 case["inputs"] = SY.write_case_inputs(as_edit, os.path.join(ev, "inputs"))
-                f.write(json.dumps(_record(case, case["inputs"], i)) + "\n")
+                case["noise_seed"] = noise_seed(config, i)
+                f.write(json.dumps(_record(case, case["inputs"], i, case["noise_seed"])) + "\n")
         commands[task] = [sys.executable, os.path.join(REPO, "infer.py"), "--ckpt", ckpt, "--task", task,
                           "--input", jsonl, "--out", os.path.join(ev, task), *infer_flags(config, task)]
     run_infer_commands(commands, int(d.get("infer_jobs", 1)), console)

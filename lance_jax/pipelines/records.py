@@ -85,8 +85,12 @@ def request_from_record(task: str, record: dict, *, base_dir: str = ".", default
     """A Request from one input record (30 §8 value formats; multi_edit: one medium + one text per turn)."""
     defaults = dict(defaults or {})
     data = record["data"]
-    req = Request(task=task, index=record["index"], additional_info=record.get("additional_info"), **defaults)
     where = f"sample {record['index']!r}"
+    if "seed" in record:  # lance-jax extension: the record's own initial-noise seed (the reference's is global)
+        if isinstance(record["seed"], bool) or not isinstance(record["seed"], int):
+            raise InferenceError(f"{where}: 'seed' must be an integer, got {record['seed']!r}")
+        defaults["seed"] = record["seed"]
+    req = Request(task=task, index=record["index"], additional_info=record.get("additional_info"), **defaults)
     if task in ("t2i", "t2v"):
         if isinstance(data, dict):
             data = data.get("prompt", data.get("caption"))
