@@ -248,9 +248,9 @@ def test_infer_reads_each_task_at_its_training_vit_side():
     assert DR.cache_key(other) != DR.cache_key(c)
 
 
-def test_edits_get_their_own_guidance():
+def test_edits_and_clips_get_their_own_guidance():
     """demo.task_guidance reaches infer.py for the tasks its training group trains (multi_edit is an image
-    edit); every other task keeps the demo's CFG scale and interval."""
+    edit, i2v a t2v clip); a key it leaves out (t2v's interval) and every other task keep the demo's."""
     from lance_jax.demo import run as DR
 
     c = DR.load_config(DR.DEFAULT_CONFIG, "/tmp/unused-demo-root", [])
@@ -264,7 +264,11 @@ def test_edits_get_their_own_guidance():
 
     for task in ("image_edit", "multi_edit"):
         assert cfg_flags(task) == (own["cfg_scale"], [float(x) for x in own["cfg_interval"]]), task
-    for task in ("t2i", "t2v", "i2v", "video_edit"):
+    clips = c.demo.task_guidance["t2v"]["cfg_scale"]
+    assert clips != c.demo.cfg_scale
+    for task in ("t2v", "i2v"):
+        assert cfg_flags(task) == (clips, [float(x) for x in c.demo.cfg_interval]), task
+    for task in ("t2i", "video_edit"):
         assert cfg_flags(task) == (c.demo.cfg_scale, [float(x) for x in c.demo.cfg_interval]), task
 
 
