@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=int, default=12, help="input video sampling and output mp4 rate")
     gen.add_argument("--max-duration", type=float, default=6.0, help="input video clamp (seconds)")
     gen.add_argument("--num-samples", type=int, default=1, help="samples per prompt; the k-th uses seed + k")
-    p.add_argument("--seed", type=int, default=42, help="initial-noise seed (-1: random, recorded); an input record's own `seed` overrides it")
+    p.add_argument("--seed", type=int, default=42,
+                   help="initial-noise seed (-1: random, recorded); an input record's own `seed` overrides it")
     und = p.add_argument_group("understanding")
     und.add_argument("--max-new-tokens", type=int, default=256)
     und.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the reference)")

@@ -248,6 +248,18 @@ def test_infer_reads_each_task_at_its_training_vit_side():
     assert DR.cache_key(other) != DR.cache_key(c)
 
 
+def test_eval_noise_gives_each_case_its_own_seed_or_the_reference_one():
+    from lance_jax.demo import run as DR
+
+    own = DR.load_config(DR.DEFAULT_CONFIG, "/tmp/unused-demo-root", [])
+    assert [DR.noise_seed(own, i) for i in range(3)] == [42, 43, 44]
+    shared = DR.load_config(DR.DEFAULT_CONFIG, "/tmp/unused-demo-root", ["--config.demo.eval_noise=shared"])
+    assert {DR.noise_seed(shared, i) for i in range(3)} == {42}
+    bad = DR.load_config(DR.DEFAULT_CONFIG, "/tmp/unused-demo-root", ["--config.demo.eval_noise=random"])
+    with pytest.raises(ValueError, match="eval_noise must be"):
+        DR.noise_seed(bad, 0)
+
+
 def test_edits_and_clips_get_their_own_guidance():
     """demo.task_guidance reaches infer.py for the tasks its training group trains (multi_edit is an image
     edit, i2v a t2v clip); a key it leaves out (t2v's interval) and every other task keep the demo's."""
