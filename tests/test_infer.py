@@ -404,3 +404,12 @@ def test_sharded_runs_match_single_device(runner, ckpt, vae_path, inputs):
         assert np.abs(one.latent - many.latent).max() <= 1e-4 * max(1.0, np.abs(one.latent).max()), mesh
         b = sharded.x2t_image("Any cats?", inputs["image"], resolution=RES, text=TEXT)
         assert np.array_equal(a.token_ids, b.token_ids), mesh
+
+
+def test_cli_seed_defaults_are_the_pipelines_constants():
+    """infer.py spells its seed defaults out (no jax import before --help); they must stay the library's."""
+    from lance_jax.pipelines.requests import GLOBAL_SEED, NOISE_SEED
+
+    args = _load_infer()._parser().parse_args(["--ckpt", "c", "--task", "t2i"])
+    assert (args.seed, args.posterior_seed) == (NOISE_SEED, GLOBAL_SEED)
+    assert Request(task="t2i").seed == NOISE_SEED

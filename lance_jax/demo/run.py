@@ -248,21 +248,27 @@ def trained_checkpoint(config, *, retrain: bool, console=print) -> str:
     return out
 
 
-def reused_or_trained(config, *, retrain: bool, console=print) -> str:
-    """`config`'s checkpoint from the cache (unless retrain), else trained and exported."""
+def reused(config, *, retrain: bool, console=print) -> str | None:
+    """`config`'s checkpoint from the cache, said so; None when retraining or not cached."""
     cached = None if retrain else cached_checkpoint(config)
     if cached:
         console(f"reusing the trained checkpoint {cached} (--retrain to train again)")
-        return cached
-    return trained_checkpoint(config, retrain=retrain, console=console)
+    return cached
+
+
+def reused_or_trained(config, *, retrain: bool, console=print) -> str:
+    """`config`'s checkpoint from the cache (unless retrain), else trained and exported."""
+    return reused(config, retrain=retrain, console=console) or trained_checkpoint(config, retrain=retrain,
+                                                                                 console=console)
 
 
 def stage_train(config, *, retrain: bool = False, console=print) -> str:
     """The trained demo checkpoint: the cached one, or train + export -- `demo.curriculum`'s runs, each from the
     one before (a stage already in the cache is reused), then the full mix from the last. Returns its path.
     retrain: start this config's runs over (their workdirs are removed) and replace the cached checkpoints."""
-    if not retrain and cached_checkpoint(config):
-        return reused_or_trained(config, retrain=False, console=console)
+    cached = reused(config, retrain=retrain, console=console)
+    if cached:
+        return cached
     start = None
     for i, c in enumerate(curriculum_configs(config), 1):
         names = ", ".join(g["name"] for g in c.data.groups)
@@ -280,16 +286,15 @@ def stage_train(config, *, retrain: bool = False, console=print) -> str:
 # ---------------------------------------------------------------------------------------------- infer
 
 
-INFER_SEED = 42  # infer.py's --seed default (the reference's validation noise seed)
-
-
 def noise_seed(config, index: int) -> int:
     """Initial-noise seed of a task's index-th case: its own (42 + index) under demo.eval_noise 'per_case',
     infer.py's one seed for every case under 'shared' (how the reference samples a prompt file)."""
     mode = config.demo.get("eval_noise", "per_case")
+    from lance_jax.pipelines.requests import NOISE_SEED
+
     if mode not in ("per_case", "shared"):
         raise ValueError(f"demo.eval_noise must be 'per_case' or 'shared', got {mode!r}")
-    return INFER_SEED + index if mode == "per_case" else INFER_SEED
+    return NOISE_SEED + index if mode == "per_case" else NOISE_SEED
 
 
 def _record(case: dict, inputs: dict, index: int, seed: int) -> dict:
@@ -299,12 +304,11 @@ def _record(case: dict, inputs: dict, index: int, seed: int) -> dict:
         return dict(index=index, seed=seed, data=case["prompt"])
     kind, path = next(iter(inputs.items()))
     if task in ("x2t_image", "x2t_video"):
-        text = [case["system_prompt"], case["prompt"], case["expected"]]
-        return dict(index=index, seed=seed,
-                    data=dict(interleave_array=[path, text], element_dtype_array=[kind, "text"]))
-    prompts = case["prompt"] if isinstance(case["prompt"], list) else [case["prompt"]]
-    return dict(index=index, seed=seed, data=dict(interleave_array=[path, *prompts],
-                                                  element_dtype_array=[kind] + ["text"] * len(prompts)))
+        texts = [[case["system_prompt"], case["prompt"], case["expected"]]]
+    else:
+        texts = case["prompt"] if isinstance(case["prompt"], list) else [case["prompt"]]
+    return dict(index=index, seed=seed, data=dict(interleave_array=[path, *texts],
+                                                  element_dtype_array=[kind] + ["text"] * len(texts)))
 
 
 def multi_edit_case(cases: list[dict]) -> dict | None:

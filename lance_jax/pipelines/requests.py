@@ -31,6 +31,7 @@ DEFAULT_RESOLUTION = {"t2i": "image_768res", "image_edit": "image_768res", "x2t_
 DEFAULT_SIZE = (768, 768)  # t2i / t2v (shell defaults VIDEO_HEIGHT / VIDEO_WIDTH)
 DEFAULT_FRAMES = 50  # t2v / i2v (shell NUM_FRAMES; floored to 4k+1 = 49)
 GLOBAL_SEED = 2025  # reference `global_seed` (x WORLD_SIZE + rank on one process)
+NOISE_SEED = 42  # the reference's initial-noise seed for every sample of a validation prompt file
 DEFAULT_CONTEXT_BUDGET = 128_000  # Qwen2.5 max_position_embeddings when the checkpoint does not say
 
 
@@ -162,7 +163,7 @@ class Request:
     width: int | None = None
     frames: int | None = None
     resolution: Any = None
-    seed: int = 42
+    seed: int = NOISE_SEED
     num_samples: int = 1
     index: int | str = 0
     system_prompt: str | None = None  # x2t instruction
