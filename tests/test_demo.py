@@ -147,17 +147,19 @@ def test_runner_uses_the_pixel_codec(demo_ckpt, tmp_path):
 
 
 def test_shortened_demo_runs_every_task(tmp_path, monkeypatch):
-    """Data -> 3 training steps -> export -> all seven tasks + a two-turn edit through infer.py -> scores,
-    HTML page and contact sheet. Asserts that every case produced its file or answer, not quality."""
+    """Data -> every curriculum stage (2 steps each) and the mix (3 steps) -> export -> all seven tasks + a
+    two-turn edit through infer.py -> scores, HTML page and contact sheet. Asserts that every case produced its
+    file or answer, not quality."""
     from lance_jax.demo import run as DR
 
     monkeypatch.setenv("LANCE_DEMO_CACHE", str(tmp_path / "cache"))
+    stages = len(DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"), []).demo.curriculum.steps)
     rows = [f"--config.demo.rows.{t}=12" for t in ("t2i", "t2v", "image_edit", "video_edit", "x2t_image",
                                                    "x2t_video")]
     argv = ["--root", str(tmp_path / "root"), *rows, "--config.train.steps=3", "--config.train.log_every=1",
             "--config.train.save_every=3", "--config.model.num_layers=1", "--config.demo.eval_per_task=2",
             "--config.demo.steps=2", "--config.optimizer.warmup_steps=1", "--config.demo.vit_pretrain.steps=3",
-            "--config.demo.vit_pretrain.motion_steps=1", "--config.demo.curriculum.steps=(2,)"]
+            "--config.demo.vit_pretrain.motion_steps=1", f"--config.demo.curriculum.steps={(2,) * stages}"]
     assert DR.main(argv) == 0
     settings = json.loads((tmp_path / "root" / "encoders" / DR.ENCODER_SETTINGS).read_text())
     assert settings["vit_pretrain"]["steps"] == 3
@@ -431,6 +433,10 @@ def test_encoder_settings_cover_the_merger_width_and_the_codec(tmp_path):
         assert not DR._same_encoders(str(enc), DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path), [flag])), flag
 
 
+NO_CURRICULUM = ("--config.demo.curriculum.groups=()", "--config.demo.curriculum.steps=()",
+                 "--config.demo.curriculum.capacities=()")
+
+
 @pytest.fixture
 def fake_training(tmp_path, monkeypatch):
     """stage_train without training: each L.run call is recorded as (config, workdir, the workdir's entries when
@@ -465,7 +471,7 @@ def test_a_training_run_resumes_only_under_its_own_config(tmp_path, fake_trainin
     from lance_jax.demo import run as DR
 
     load = lambda *flags: DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"),  # noqa: E731
-                                         ["--config.demo.curriculum.steps=(0,)", *flags])
+                                         [*NO_CURRICULUM, *flags])
     base, other_lr, more_logs = load(), load("--config.optimizer.lr=1e-3"), load("--config.train.log_every=7")
     assert DR.train_workdir(base) == DR.train_workdir(more_logs)  # logging does not change the weights
     assert DR.train_workdir(base) != DR.train_workdir(other_lr)
@@ -481,14 +487,20 @@ def test_a_training_run_resumes_only_under_its_own_config(tmp_path, fake_trainin
 
 
 def test_the_curriculum_trains_its_groups_alone_in_order_and_the_mix_starts_from_the_last(tmp_path, fake_training):
-    """demo.curriculum: one run per stage on its groups alone (its own steps and LR decay, raw params exported),
-    each from the one before, then the full mix with init.ckpt = the last stage's checkpoint; a stage in the cache
-    is reused; each stage's settings (and those before it) key the cache; bad stages are refused by name."""
+    """demo.curriculum: one run per stage on its groups alone (its own steps, LR decay and packed-row sizes, raw
+    params exported), each from the one before, then the full mix with init.ckpt = the last stage's checkpoint; a
+    stage in the cache is reused; each stage's settings (and those before it) key the cache; bad stages are
+    refused by name."""
     from lance_jax.demo import run as DR
 
-    load = lambda *flags: DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"), list(flags))  # noqa: E731
-    two = "--config.demo.curriculum.groups=(('x2t_video',), ('t2v', 't2i'))"
-    c = load(two, "--config.demo.curriculum.steps=(30, 20)", "--config.train.steps=50")
+    def load(groups, steps, rows="()", *flags):
+        return DR.load_config(DR.DEFAULT_CONFIG, str(tmp_path / "root"), [
+            f"--config.demo.curriculum.groups={groups}", f"--config.demo.curriculum.steps={steps}",
+            f"--config.demo.curriculum.capacities={rows}", *flags])
+
+    two, one = "(('x2t_video',), ('t2v', 't2i'))", "(('x2t_video',),)"
+    rows = "({}, {'und': 96, 'gen': 576})"
+    c = load(two, "(30, 20)", rows, "--config.train.steps=50")
     DR.stage_train(c, console=lambda *a: None)
     first, second, mix = [config for config, _, _ in fake_training]
     assert [g["name"] for g in first.data.groups] == ["x2t_video"]
@@ -497,26 +509,32 @@ def test_the_curriculum_trains_its_groups_alone_in_order_and_the_mix_starts_from
     assert second.train.steps == second.optimizer.total_steps == 20 and second.ema_decay == 0.0
     assert mix.train.steps == mix.optimizer.total_steps == 50 and mix.ema_decay == c.ema_decay
     assert len(mix.data.groups) == len(c.data.groups)
+    assert first.data.capacities == mix.data.capacities == c.data.capacities  # only the second stage is resized
+    assert second.data.capacities.to_dict() == dict(c.data.capacities.to_dict(), und=96, gen=576)
     assert second.init.ckpt == DR.cache_dir(first) and mix.init.ckpt == DR.cache_dir(second)
     assert DR.cache_dir(mix) == DR.cache_dir(c)
 
     # another second stage: the first is reused from the cache, the second and the mix train again
     del fake_training[:]
-    DR.stage_train(load(two, "--config.demo.curriculum.steps=(30, 40)", "--config.train.steps=50"),
-                   console=lambda *a: None)
+    DR.stage_train(load(two, "(30, 40)", rows, "--config.train.steps=50"), console=lambda *a: None)
     assert [len(r.data.groups) for r, _, _ in fake_training] == [2, len(c.data.groups)]
     assert fake_training[0][0].init.ckpt == DR.cache_dir(first)
 
-    assert DR.curriculum_configs(load("--config.demo.curriculum.steps=(0,)")) == []
-    keys = {DR.cache_key(load(f"--config.demo.curriculum.steps=({n},)")) for n in (0, 30, 40)}
-    assert len(keys) == 3  # another curriculum: another trained model
+    assert DR.curriculum_configs(load(one, "(0,)")) == []
+    keys = {DR.cache_key(load(one, f"({n},)")) for n in (0, 30, 40)}
+    keys |= {DR.cache_key(load(two, "(30, 20)", r)) for r in ("()", rows)}
+    assert len(keys) == 5  # another curriculum or other rows in a stage: another trained model
     stage_keys = [DR.cache_key(x) for x in DR.curriculum_configs(c)]
-    assert stage_keys[0] == DR.cache_key(DR.curriculum_configs(load("--config.demo.curriculum.steps=(30,)"))[0])
+    assert stage_keys[0] == DR.cache_key(DR.curriculum_configs(load(one, "(30,)"))[0])
     assert len(set(stage_keys) | {DR.cache_key(c)}) == 3
     with pytest.raises(ValueError, match=r"curriculum.groups\[0\] \['x2t_vidoe'\]"):
-        DR.curriculum_configs(load("--config.demo.curriculum.groups=(('x2t_vidoe',),)"))
-    with pytest.raises(ValueError, match="one step count per stage"):
-        DR.curriculum_configs(load(two))
+        DR.curriculum_configs(load("(('x2t_vidoe',),)", "(30,)"))
+    with pytest.raises(ValueError, match="one of each per stage"):
+        DR.curriculum_configs(load(two, "(30,)"))
+    with pytest.raises(ValueError, match="one of each per stage"):
+        DR.curriculum_configs(load(two, "(30, 20)", "({},)"))
+    with pytest.raises(ValueError, match=r"capacities\[1\] .* may only resize \['ce', 'gen', 'und', 'vit'\]"):
+        DR.curriculum_configs(load(two, "(30, 20)", "({}, {'tokens': 96})"))
 
 
 def test_infer_commands_run_side_by_side_and_a_failed_call_names_its_task(tmp_path):

@@ -202,28 +202,35 @@ def train_workdir(config) -> str:
 def curriculum_configs(config) -> list:
     """The runs that `demo.curriculum` puts before the full mix, in order: the same model and optimiser on the
     named data groups alone for that stage's steps (its own LR decay; raw, not EMA, params exported for the next
-    run to start from). Stages with 0 steps are left out; none: []."""
+    run to start from), its packed rows resized by the stage's `capacities` entry (if any). Stages with 0 steps
+    are left out; none: []."""
     cur = config.demo.get("curriculum", None)
     if cur is None:
         return []
     groups, steps = [tuple(g) for g in cur.groups], [int(n) for n in cur.steps]
-    if len(groups) != len(steps):
-        raise ValueError(f"demo.curriculum.groups has {len(groups)} stages and demo.curriculum.steps {len(steps)}:"
-                         f" give one step count per stage")
+    rows = [dict(r or {}) for r in (cur.get("capacities", None) or [{}] * len(groups))]
+    if not len(groups) == len(steps) == len(rows):
+        raise ValueError(f"demo.curriculum has {len(groups)} stages of groups, {len(steps)} step counts and "
+                         f"{len(rows)} capacities: give one of each per stage")
     known = [g["name"] for g in config.data.groups]
     out = []
-    for i, (names, n) in enumerate(zip(groups, steps)):
+    for i, (names, n, row) in enumerate(zip(groups, steps, rows)):
         if not names or set(names) - set(known):
             raise ValueError(f"demo.curriculum.groups[{i}] {list(names)} must name data groups of the demo, "
                              f"one of {known}")
+        if set(row) - set(config.data.capacities):
+            raise ValueError(f"demo.curriculum.capacities[{i}] {row} may only resize "
+                             f"{sorted(config.data.capacities)}")
         if not n:
             continue
         c = config.copy_and_resolve_references()
         c.train.steps = c.optimizer.total_steps = n
         c.ema_decay = 0.0  # the next run starts from these weights, not from an average lagging ~400 steps behind
         c.data.groups = [g for g in c.data.groups if g["name"] in names]
-        # the cache key of this stage: its own groups and steps and the stages it starts from
-        c.demo.curriculum = ml_collections.ConfigDict(dict(groups=tuple(groups[:i + 1]), steps=tuple(steps[:i + 1])))
+        c.data.capacities.update({k: int(v) for k, v in row.items()})
+        # the cache key of this stage: its own groups, steps and rows and the stages it starts from
+        c.demo.curriculum = ml_collections.ConfigDict(dict(groups=tuple(groups[:i + 1]), steps=tuple(steps[:i + 1]),
+                                                           capacities=tuple(rows[:i + 1])))
         out.append(c)
     return out
 
