@@ -95,8 +95,9 @@ def get_config(root: str = "") -> ml_collections.ConfigDict:
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     # 2 rows per step: the same records per minute as 4 rows but twice the updates (4 x 1,200 steps took ~19 min
     # with the three-question rows, runs J, K). Skipping empty attention tiles made steps ~1.22x faster; at 160
-    # wide 2,200 steps train in 952 s alone (19.2 min for the whole command on a fresh root, session 13)
-    c.train.update(dict(steps=2200, log_every=50, save_every=500, keep=2, seed=0, timesteps="device"))
+    # wide 2,200 steps train in 952 s alone (19.2 min for the whole command on a fresh root, session 13). The mix
+    # is 1,400 steps since the t2v curriculum stage (below) takes the time of ~800 of them (session 19)
+    c.train.update(dict(steps=1400, log_every=50, save_every=500, keep=2, seed=0, timesteps="device"))
     c.optimizer.total_steps = c.train.get_ref("steps")  # the decay ends with the run, also under --config.train.steps
     c.data.update(dict(seed=0, batch_size=2, token_budget=None, drop_overflow=False,
                        tokenizer=os.path.join(root, "encoders", "reference", "model"),
@@ -124,8 +125,14 @@ def get_config(root: str = "") -> ml_collections.ConfigDict:
         # trains in stages; the mix (`train.steps`) starts from the last. The video questions first: mixed from the
         # start, direction answers stay at the prior on the motion tower (0.05-0.40 at any loss weight, runs F0-H2);
         # alone they are learned in a few hundred steps (1.00 held-out after 250 or 400) and the mix keeps them
-        # (1.00 in every run since, sessions 15-16). No stages (groups=(), steps=()) or 0 steps: the mix alone
-        curriculum=dict(groups=(("x2t_video",),), steps=(250,)),
+        # (1.00 in every run since, sessions 15-16). Then t2v: in the mix it does not learn the direction word
+        # (0.20-0.45 after 2,200 steps, each case from its own noise), alone it does (0.925 after 1,000 steps); 600
+        # steps alone draw it 0.35 and take the video questions back to 0.15, and the mix after them learns both
+        # (t2v 0.80 / 1.00, questions 1.00; runs K1 / K2, session 19). Its rows hold 3 clips (96 und + 576 gen
+        # slots, no ViT) instead of 2 in the mix's 352 + 512: 1.75x the clips per second (K2's). Per stage
+        # `capacities` resize its rows ({}: the mix's). No stages (all three ()) or 0 steps: the mix alone
+        curriculum=dict(groups=(("x2t_video",), ("t2v",)), steps=(250, 600),
+                        capacities=({}, dict(und=96, gen=576, vit=16))),
         eval_per_task=20,
         # infer.py calls run two at a time: each is mostly one thread (start-up, compiles, a tiny model)
         infer_jobs=2,
