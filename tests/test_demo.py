@@ -535,6 +535,10 @@ def test_the_curriculum_trains_its_groups_alone_in_order_and_the_mix_starts_from
         DR.curriculum_configs(load(two, "(30, 20)", "({},)"))
     with pytest.raises(ValueError, match=r"capacities\[1\] .* may only resize \['ce', 'gen', 'und', 'vit'\]"):
         DR.curriculum_configs(load(two, "(30, 20)", "({}, {'tokens': 96})"))
+    with pytest.raises(ValueError, match="to positive integers"):
+        DR.curriculum_configs(load(two, "(30, 20)", "({}, {'und': 0})"))
+    with pytest.raises(ValueError, match="one dict per stage"):
+        DR.curriculum_configs(load(two, "(30, 20)", "({}, 96)"))
 
 
 def test_infer_commands_run_side_by_side_and_a_failed_call_names_its_task(tmp_path):

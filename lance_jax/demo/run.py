@@ -208,7 +208,10 @@ def curriculum_configs(config) -> list:
     if cur is None:
         return []
     groups, steps = [tuple(g) for g in cur.groups], [int(n) for n in cur.steps]
-    rows = [dict(r or {}) for r in (cur.get("capacities", None) or [{}] * len(groups))]
+    rows = list(cur.get("capacities", None) or [{}] * len(groups))
+    if not all(hasattr(r, "items") for r in rows):
+        raise ValueError(f"demo.curriculum.capacities {rows} must hold one dict per stage ({{}}: the mix's rows)")
+    rows = [dict(r) for r in rows]
     if not len(groups) == len(steps) == len(rows):
         raise ValueError(f"demo.curriculum has {len(groups)} stages of groups, {len(steps)} step counts and "
                          f"{len(rows)} capacities: give one of each per stage")
@@ -218,16 +221,16 @@ def curriculum_configs(config) -> list:
         if not names or set(names) - set(known):
             raise ValueError(f"demo.curriculum.groups[{i}] {list(names)} must name data groups of the demo, "
                              f"one of {known}")
-        if set(row) - set(config.data.capacities):
+        if set(row) - set(config.data.capacities) or not all(isinstance(v, int) and v > 0 for v in row.values()):
             raise ValueError(f"demo.curriculum.capacities[{i}] {row} may only resize "
-                             f"{sorted(config.data.capacities)}")
+                             f"{sorted(config.data.capacities)}, to positive integers")
         if not n:
             continue
         c = config.copy_and_resolve_references()
         c.train.steps = c.optimizer.total_steps = n
         c.ema_decay = 0.0  # the next run starts from these weights, not from an average lagging ~400 steps behind
         c.data.groups = [g for g in c.data.groups if g["name"] in names]
-        c.data.capacities.update({k: int(v) for k, v in row.items()})
+        c.data.capacities.update(row)
         # the cache key of this stage: its own groups, steps and rows and the stages it starts from
         c.demo.curriculum = ml_collections.ConfigDict(dict(groups=tuple(groups[:i + 1]), steps=tuple(steps[:i + 1]),
                                                            capacities=tuple(rows[:i + 1])))
@@ -296,9 +299,9 @@ def stage_train(config, *, retrain: bool = False, console=print) -> str:
 def noise_seed(config, index: int) -> int:
     """Initial-noise seed of a task's index-th case: its own (42 + index) under demo.eval_noise 'per_case',
     infer.py's one seed for every case under 'shared' (how the reference samples a prompt file)."""
-    mode = config.demo.get("eval_noise", "per_case")
     from lance_jax.pipelines.requests import NOISE_SEED
 
+    mode = config.demo.get("eval_noise", "per_case")
     if mode not in ("per_case", "shared"):
         raise ValueError(f"demo.eval_noise must be 'per_case' or 'shared', got {mode!r}")
     return NOISE_SEED + index if mode == "per_case" else NOISE_SEED
