@@ -13,8 +13,8 @@ import numpy as np
 from lance_jax import media, vision
 from lance_jax.pipelines.requests import (
     DEFAULT_CONTEXT_BUDGET, DEFAULT_FRAMES, DEFAULT_SIZE, GenerationResult, GenerationSettings, InferenceError,
-    NEEDS_VAE, NEEDS_VIT, Request, TASKS, TextResult, TextSettings, _Timer, _load_media, _seed, floor_frames,
-    latent_frames, parse_mesh, resolve_resolution,
+    NEEDS_VAE, NEEDS_VIT, NOISE_SEED, Request, TASKS, TextResult, TextSettings, _Timer, _load_media, _seed,
+    floor_frames, latent_frames, parse_mesh, resolve_resolution,
 )
 
 
@@ -321,12 +321,12 @@ class LanceRunner:
         base = _seed(seed)
         return [base + k for k in range(int(num_samples))]
 
-    def t2i(self, prompt: str, *, height: int = DEFAULT_SIZE[0], width: int = DEFAULT_SIZE[1], seed: int = 42,
+    def t2i(self, prompt: str, *, height: int = DEFAULT_SIZE[0], width: int = DEFAULT_SIZE[1], seed: int = NOISE_SEED,
             num_samples: int = 1, settings: GenerationSettings = GenerationSettings(), progress=None):
         return self._text_to_visual("t2i", prompt, height, width, 1, seed, num_samples, settings, progress)
 
     def t2v(self, prompt: str, *, height: int = DEFAULT_SIZE[0], width: int = DEFAULT_SIZE[1],
-            frames: int = DEFAULT_FRAMES, seed: int = 42, num_samples: int = 1,
+            frames: int = DEFAULT_FRAMES, seed: int = NOISE_SEED, num_samples: int = 1,
             settings: GenerationSettings = GenerationSettings(), progress=None):
         return self._text_to_visual("t2v", prompt, height, width, frames, seed, num_samples, settings, progress)
 
@@ -343,7 +343,7 @@ class LanceRunner:
                              timer=_Timer(), info=info, progress=progress)
         return out if num_samples > 1 else out[0]
 
-    def i2v(self, prompt: str, image, *, frames: int = DEFAULT_FRAMES, resolution=None, seed: int = 42,
+    def i2v(self, prompt: str, image, *, frames: int = DEFAULT_FRAMES, resolution=None, seed: int = NOISE_SEED,
             num_samples: int = 1, settings: GenerationSettings = GenerationSettings(), progress=None):
         self.require("i2v")
         caption = self._text(prompt, "i2v prompt")
@@ -359,11 +359,11 @@ class LanceRunner:
                              timer=timer, first_frame_pixels=pixels, info=info, progress=progress)
         return out if num_samples > 1 else out[0]
 
-    def image_edit(self, instruction: str, image, *, resolution=None, seed: int = 42, num_samples: int = 1,
+    def image_edit(self, instruction: str, image, *, resolution=None, seed: int = NOISE_SEED, num_samples: int = 1,
                    settings: GenerationSettings = GenerationSettings(), progress=None):
         return self._edit("image_edit", instruction, image, resolution, seed, num_samples, settings, progress)
 
-    def video_edit(self, instruction: str, video, *, resolution=None, seed: int = 42, num_samples: int = 1,
+    def video_edit(self, instruction: str, video, *, resolution=None, seed: int = NOISE_SEED, num_samples: int = 1,
                    settings: GenerationSettings = GenerationSettings(), progress=None):
         return self._edit("video_edit", instruction, video, resolution, seed, num_samples, settings, progress)
 
@@ -386,7 +386,7 @@ class LanceRunner:
         return out if num_samples > 1 else out[0]
 
     def multi_edit(self, instructions: Sequence[str], source, *, kind: str | None = None, resolution=None,
-                   seed: int = 42, settings: GenerationSettings = GenerationSettings(), progress=None):
+                   seed: int = NOISE_SEED, settings: GenerationSettings = GenerationSettings(), progress=None):
         """Chained single-turn edits (30 §7.6): turn i edits turn i-1's output (turn 0 edits `source`).
 
         kind: 'image' or 'video' (default: from the path's extension / the array's frame count).
@@ -413,11 +413,11 @@ class LanceRunner:
         return results
 
     def x2t_image(self, question: str | None, image, *, resolution=None, system_prompt: str | None = None,
-                  text: TextSettings = TextSettings(), seed: int = 42):
+                  text: TextSettings = TextSettings(), seed: int = NOISE_SEED):
         return self._understand("x2t_image", question, image, resolution, system_prompt, text, seed)
 
     def x2t_video(self, question: str | None, video, *, resolution=None, system_prompt: str | None = None,
-                  text: TextSettings = TextSettings(), seed: int = 42,
+                  text: TextSettings = TextSettings(), seed: int = NOISE_SEED,
                   settings: GenerationSettings = GenerationSettings()):
         return self._understand("x2t_video", question, video, resolution, system_prompt, text, seed, settings)
 
